@@ -1,0 +1,182 @@
+"""Segment one image from a :class:`~scripts.prompts.PromptSet`: the path shared by the bundle and MONAI Label.
+
+An image is put in the model's view (slices along the patient's axial axis, or coronal/sagittal when asked)
+by permutations and flips only, normalised with the vocabulary's intensity preset, encoded once per preset,
+prompted, and the label map is mapped back to the exact voxel grid of the input.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .image_io import ImageVolume
+from .intensity import apply_preset, guess_modality
+from .orientation import SliceView
+from .predictor import Medsam3Predictor, PromptResult, VolumeEncoding
+from .prompts import PromptSet
+from .vocabulary import ResolvedPrompt, Vocabulary
+
+__all__ = ["SegmentationResult", "VolumeSegmenter"]
+
+logger = logging.getLogger(__name__)
+
+DISPLAY_PRESET = {"type": "display"}  # 8-bit and RGB pictures are already display-ready: scale 0..255 to 0..1
+
+
+@dataclass
+class SegmentationResult:
+    """A label map in the input's voxel grid plus what each label is and how sure the model was."""
+
+    label: np.ndarray
+    labels: list[dict[str, Any]]
+    unknown_prompts: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {"labels": self.labels, "unknown_prompts": self.unknown_prompts, "timings": self.timings}
+
+
+class VolumeSegmenter:
+    """Turns images and prompts into label maps with one :class:`Medsam3Predictor`."""
+
+    def __init__(
+        self,
+        predictor: Medsam3Predictor,
+        vocabulary: Vocabulary,
+        plane: str = "axial",
+        modality: str = "auto",
+    ) -> None:
+        if modality not in ("auto", "CT", "MR"):
+            raise ValueError(f"modality must be 'auto', 'CT' or 'MR', got {modality!r}")
+        self.predictor = predictor
+        self.vocabulary = vocabulary
+        self.plane = plane
+        self.modality = modality
+
+    def resolve(self, prompts: PromptSet) -> list[ResolvedPrompt]:
+        return [self.vocabulary.resolve(text) for text in prompts.texts]
+
+    def segment(self, image: ImageVolume, prompts: PromptSet) -> SegmentationResult:
+        """Segment ``image``; raises ``ValueError`` for prompts that do not fit it."""
+        prompts.check_inside(image.array.shape[:2] if image.is_2d else image.array.shape)
+        timer = self.predictor.timer
+        timer.reset()
+        view = SliceView.for_volume(image, self.plane)
+        modality = self._modality(image)
+        resolved = self.resolve(prompts)
+        encodings: dict[str, VolumeEncoding] = {}
+
+        def encoding_for(entry: ResolvedPrompt | None) -> VolumeEncoding:
+            preset = self._preset(image, entry, modality)
+            key = repr(sorted(preset.items()))
+            if key not in encodings:
+                with timer.stage("preprocess"):
+                    slices = self._slices(image, view, preset)
+                encodings[key] = self.predictor.encode(slices)
+            return encodings[key]
+
+        results: list[PromptResult] = []
+        rows: list[dict[str, Any]] = []
+        encoding: VolumeEncoding | None = None
+        if len(prompts.points) or len(prompts.boxes):
+            entry = resolved[0] if resolved else None
+            encoding = encoding_for(entry)
+            initial = self.predictor.segment_text(encoding, entry.prompts[:1])[0] if entry else None
+            result = self._geometric(encoding, view, prompts, initial, image.is_2d)
+            results.append(result)
+            rows.append(self._row(entry, result, "clicks" if len(prompts.points) else "boxes", value=self._value(entry, 1)))
+        else:
+            next_free = max(self.vocabulary.by_index, default=0) + 1
+            for entry in resolved:
+                encoding = encoding_for(entry)
+                # The first synonym is the canonical prompt; the rest serve fine-tuning and disagreement scoring.
+                result = self.predictor.segment_text(encoding, entry.prompts[:1])[0]
+                value = entry.index if entry.known else next_free
+                next_free += 0 if entry.known else 1
+                results.append(result)
+                rows.append(self._row(entry, result, "text", value=value))
+        label_view = self.predictor.label_map(encoding, results, [row["index"] for row in rows])
+        label = view.from_view(label_view)
+        if image.is_2d:
+            label = label.reshape(image.array.shape[:2])
+        for row in rows:
+            row["voxels"] = int((label == row["index"]).sum())
+        unknown = [row["prompt"] for row in rows if row["known"] is False]
+        for text in unknown:
+            logger.warning("%r is not in the label vocabulary: used as free text", text)
+        return SegmentationResult(label=label, labels=rows, unknown_prompts=unknown, timings=timer.as_dict())
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def _geometric(
+        self,
+        encoding: VolumeEncoding,
+        view: SliceView,
+        prompts: PromptSet,
+        initial: PromptResult | None,
+        is_2d: bool,
+    ) -> PromptResult:
+        if len(prompts.boxes):
+            boxes = _as_3d(prompts.boxes, is_2d, pairs=True)
+            per_slice: dict[int, tuple[int, int, int, int]] = {}
+            for d0, h0, w0, d1, h1, w1 in view.boxes_to_view(boxes):
+                for d in range(int(d0), int(d1) + 1):
+                    per_slice[d] = (h0, w0, h1, w1)
+            result = self.predictor.segment_boxes(encoding, per_slice)
+            if not len(prompts.points):
+                return result
+            initial = result
+        points = view.points_to_view(_as_3d(prompts.points, is_2d))
+        return self.predictor.segment_clicks(encoding, points, prompts.point_labels, initial=initial)
+
+    def _modality(self, image: ImageVolume) -> str:
+        if self.modality != "auto":
+            return self.modality
+        return guess_modality(image.array)
+
+    def _preset(self, image: ImageVolume, entry: ResolvedPrompt | None, modality: str) -> dict:
+        if image.is_rgb or image.array.dtype == np.uint8:
+            return DISPLAY_PRESET
+        if entry is not None and entry.known:
+            return self.vocabulary.preset_for(entry.name, modality)
+        return self.vocabulary.default_preset(modality)
+
+    def _slices(self, image: ImageVolume, view: SliceView, preset: dict) -> torch.Tensor:
+        """D x 3 x H x W float32 in [0, 1], in the model's view of the image."""
+        array = view.to_view(image.array)
+        if preset is DISPLAY_PRESET:
+            scaled = array.astype(np.float32) / 255.0
+        else:
+            scaled = apply_preset(array, preset)
+        tensor = torch.from_numpy(np.ascontiguousarray(scaled, dtype=np.float32))
+        if image.is_rgb:
+            return tensor.permute(0, 3, 1, 2)  # D x H x W x 3 -> D x 3 x H x W
+        return tensor[:, None].expand(-1, 3, -1, -1)
+
+    def _value(self, entry: ResolvedPrompt | None, default: int) -> int:
+        return entry.index if entry is not None and entry.known else default
+
+    @staticmethod
+    def _row(entry: ResolvedPrompt | None, result: PromptResult, source: str, value: int) -> dict[str, Any]:
+        return {
+            "index": int(value),
+            "name": entry.name if entry else "object",
+            "prompt": entry.prompts[0] if entry else None,
+            "known": entry.known if entry else None,
+            "score": round(result.score, 4),
+            "source": source,
+        }
+
+
+def _as_3d(coords: np.ndarray, is_2d: bool, pairs: bool = False) -> np.ndarray:
+    """2D (row, col) coordinates become (0, row, col) in the single-slice view of a picture."""
+    if not is_2d:
+        return coords
+    zeros = np.zeros((len(coords), 1), dtype=coords.dtype)
+    if pairs:
+        return np.concatenate([zeros, coords[:, :2], zeros, coords[:, 2:]], axis=1)
+    return np.concatenate([zeros, coords], axis=1)
