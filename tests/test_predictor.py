@@ -1,0 +1,119 @@
+"""The predictor on the tiny model: batching, prompt bookkeeping, propagation and label assembly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import random_slices, tiny_model
+
+from scripts.predictor import EMPTY_LOGIT, Medsam3Predictor, PromptResult
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=1)
+
+
+def test_encode_validates_and_keeps_slice_size(model) -> None:
+    predictor = Medsam3Predictor(model, batch_size=4)
+    encoding = predictor.encode(random_slices(5, 30, 50))
+    assert encoding.trunk.shape[0] == 5 and (encoding.height, encoding.width) == (30, 50)
+    with pytest.raises(ValueError, match=r"Expected slices as D x 3 x H x W, got shape \(5, 30, 50\)"):
+        predictor.encode(torch.zeros(5, 30, 50))
+    with pytest.raises(ValueError, match="No slices to encode"):
+        predictor.encode(torch.zeros(0, 3, 30, 50))
+
+
+def test_text_results_do_not_depend_on_batching(model) -> None:
+    slices = random_slices(5)
+    one = Medsam3Predictor(model, batch_size=1, score_threshold=0.0)
+    many = Medsam3Predictor(model, batch_size=6, score_threshold=0.0)
+    single = [one.segment_text(one.encode(slices), [p])[0] for p in ("liver", "spleen", "aorta")]
+    joint = many.segment_text(many.encode(slices), ["liver", "spleen", "aorta"])
+    for a, b in zip(single, joint, strict=True):
+        torch.testing.assert_close(a.logits.float(), b.logits.float(), atol=2e-3, rtol=1e-3)
+        torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-4)
+    # different prompts give different answers: the prompt reaches the heads
+    assert not torch.equal(joint[0].logits, joint[1].logits)
+
+
+def test_score_threshold_drops_instances(model) -> None:
+    predictor = Medsam3Predictor(model, score_threshold=1.0)
+    result = predictor.segment_text(predictor.encode(random_slices(3)), ["liver"])[0]
+    assert (result.logits == EMPTY_LOGIT).all()  # nothing scores above 1.0
+    assert (result.scores > 0).all()  # but the best score is still reported
+    with pytest.raises(ValueError, match="No text prompts given"):
+        predictor.segment_text(predictor.encode(random_slices(1)), [])
+
+
+def test_text_encodings_are_cached(model) -> None:
+    predictor = Medsam3Predictor(model)
+    encoding = predictor.encode(random_slices(2))
+    predictor.segment_text(encoding, ["liver"])
+    first = predictor.timer.seconds["text_encoder"]
+    predictor.segment_text(encoding, ["liver"])
+    assert predictor.timer.seconds["text_encoder"] == first
+    predictor.segment_text(encoding, ["liver", "kidney"])
+    assert predictor.timer.seconds["text_encoder"] > first
+
+
+def test_clicks_propagate_both_ways(model) -> None:
+    predictor = Medsam3Predictor(model, max_empty_slices=None)
+    encoding = predictor.encode(random_slices(7))
+    result = predictor.segment_clicks(encoding, np.array([[3, 10, 10], [3, 20, 30]]), np.array([1, 0]))
+    assert result.logits.shape == (7, 64, 64)
+    assert (result.scores > 0).all()  # every slice was visited, before and after the clicked one
+
+
+def test_propagation_stops_after_empty_slices(model) -> None:
+    predictor = Medsam3Predictor(model, max_empty_slices=1)
+    encoding = predictor.encode(random_slices(9))
+    result = predictor.segment_clicks(encoding, np.array([[4, 10, 10]]), np.array([1]))
+    visited = (result.scores > 0).nonzero().flatten().tolist()
+    empty = [i for i in visited if i != 4 and not (result.logits[i] > 0).any()]
+    # The random tiny model finds nothing beyond the clicked slice, so one empty slice each way ends it.
+    assert len(visited) < 9 and 4 in visited and len(empty) >= 1
+
+
+def test_clicks_keep_initial_result_where_propagation_stops(model) -> None:
+    predictor = Medsam3Predictor(model, max_empty_slices=1)
+    encoding = predictor.encode(random_slices(9))
+    initial = PromptResult(logits=torch.full((9, 64, 64), 5.0, dtype=torch.float16), scores=torch.full((9,), 0.9))
+    result = predictor.segment_clicks(encoding, np.array([[4, 10, 10]]), np.array([1]), initial=initial)
+    untouched = [i for i in range(9) if torch.equal(result.logits[i], initial.logits[i])]
+    assert untouched and 4 not in untouched
+
+
+def test_box_mask_stays_in_box(model) -> None:
+    predictor = Medsam3Predictor(model)
+    encoding = predictor.encode(random_slices(3, 64, 64))
+    result = predictor.segment_boxes(encoding, {1: (10, 20, 30, 40)})
+    assert (result.logits[[0, 2]] == EMPTY_LOGIT).all()
+    outside = result.logits[1].clone()
+    outside[9:32, 19:42] = EMPTY_LOGIT  # the box plus one low-res pixel of border
+    assert (outside == EMPTY_LOGIT).all()
+
+
+def test_label_map_assembly() -> None:
+    model = tiny_model(seed=1)
+    predictor = Medsam3Predictor(model, batch_size=2)
+    encoding = predictor.encode(random_slices(3, 32, 48))
+    low = 64
+    a = torch.full((3, low, low), EMPTY_LOGIT, dtype=torch.float16)
+    b = a.clone()
+    a[:, :, : low // 2] = 4.0  # left half of every slice
+    b[1, :, :] = 2.0  # all of slice 1, weaker than a where both are present
+    label = predictor.label_map(encoding, [PromptResult(a, torch.ones(3)), PromptResult(b, torch.ones(3))], [5, 300])
+    assert label.shape == (3, 32, 48) and label.dtype == np.uint16
+    assert (label[0, :, :23] == 5).all() and (label[0, :, 25:] == 0).all()
+    assert (label[1, :, :23] == 5).all() and (label[1, :, 25:] == 300).all()
+    with pytest.raises(ValueError, match="2 results but 1 label values"):
+        predictor.label_map(encoding, [PromptResult(a, torch.ones(3))] * 2, [1])
+
+
+def test_constructor_validation(model) -> None:
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        Medsam3Predictor(model, batch_size=0)
+    with pytest.raises(ValueError, match=r"score_threshold must be in \[0, 1\]"):
+        Medsam3Predictor(model, score_threshold=2)
