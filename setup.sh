@@ -29,4 +29,8 @@ if [ -e .venv ] && [ ! -L .venv ]; then
   rm -rf .venv  # an environment from an older set-up
 fi
 ln -sfn "$env_dir" .venv
+# The bundle's code is the package `scripts` (as MONAI bundles name it): make it importable from anywhere, so
+# `python -m monai.bundle run --config_file bundle/configs/...` works from the repository root.
+site=$("$env_dir/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$(pwd)/bundle" > "$site/medsam3_bundle.pth"
 echo "Environment ready ($env_dir): source .venv/bin/activate"
