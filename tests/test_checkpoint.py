@@ -9,8 +9,7 @@ import pytest
 import torch
 from helpers import model_outputs, tiny_model
 
-from scripts.checkpoint import CheckpointError, load_checkpoint, read_state_dict, save_checkpoint
-from scripts.checkpoint import load_network
+from scripts.checkpoint import CheckpointError, load_checkpoint, load_network, read_state_dict, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +61,10 @@ def test_medical_sam3_with_sam3_tracker(tmp_path: Path, source) -> None:
     torch.save({"model": detector}, tmp_path / "medsam3.pt")
     # The SAM3 checkpoint's detector differs (other weights): only its tracker part may be used.
     other = tiny_model(seed=3).state_dict()
-    sam3 = {k: (state[k] if k.startswith(("tracker.", "detector.backbone.vision_backbone.sam2_convs")) else other[k]) for k in other}
+    sam3 = {
+        k: (state[k] if k.startswith(("tracker.", "detector.backbone.vision_backbone.sam2_convs")) else other[k])
+        for k in other
+    }
     torch.save(sam3, tmp_path / "sam3.pt")
     target = tiny_model(seed=0)
     report = load_checkpoint(target, tmp_path / "medsam3.pt", tracker_path=tmp_path / "sam3.pt")
@@ -119,7 +121,9 @@ def test_shape_mismatch_refused(tmp_path: Path, source) -> None:
     state = dict(source[0].state_dict())
     state["detector.transformer.decoder.query_embed.weight"] = torch.zeros(200, 256)
     torch.save(state, tmp_path / "base_like.pt")
-    with pytest.raises(CheckpointError, match=r"do not fit model_size 'tiny'.*query_embed.weight has shape \(200, 256\)"):
+    with pytest.raises(
+        CheckpointError, match=r"do not fit model_size 'tiny'.*query_embed.weight has shape \(200, 256\)"
+    ):
         load_checkpoint(tiny_model(), tmp_path / "base_like.pt")
 
 

@@ -205,6 +205,15 @@ def load_network(network: nn.Module, ckpt_path: str | None, tracker_ckpt_path: s
             "for click prompts with a detector-only Medical SAM3 checkpoint also pass --tracker_ckpt_path sam3.pt. "
             "See bundle/docs/README.md."
         )
+    if tracker_ckpt_path and not Path(tracker_ckpt_path).is_file():
+        raise FileNotFoundError(f"Tracker checkpoint not found at {tracker_ckpt_path!r} (SAM3's sam3.pt, for clicks)")
     report = load_checkpoint(network, ckpt_path, tracker_path=tracker_ckpt_path or None)
+    if not report.interactive:
+        logger.warning("No tracker weights: text prompts only. Put SAM3's sam3.pt at models/sam3.pt for clicks/boxes")
     network.interactive = report.interactive
     return network
+
+
+def file_if_present(path: str | Path) -> str:
+    """``path`` when the file exists, else "" (the default tracker checkpoint is optional)."""
+    return str(path) if Path(path).is_file() else ""

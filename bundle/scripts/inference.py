@@ -89,7 +89,9 @@ class VolumeSegmenter:
             initial = self.predictor.segment_text(encoding, entry.prompts[:1])[0] if entry else None
             result = self._geometric(encoding, view, prompts, initial, image.is_2d)
             results.append(result)
-            rows.append(self._row(entry, result, "clicks" if len(prompts.points) else "boxes", value=self._value(entry, 1)))
+            rows.append(
+                self._row(entry, result, "clicks" if len(prompts.points) else "boxes", value=self._value(entry, 1))
+            )
         else:
             next_free = max(self.vocabulary.by_index, default=0) + 1
             for entry in resolved:

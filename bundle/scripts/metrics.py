@@ -1,12 +1,21 @@
-"""Dice and normalised surface distance (NSD) per label, with MONAI's metric implementations.
+"""Dice and normalised surface distance (NSD) per label, computed with MONAI's metric implementations.
 
-Conventions for empty masks: both empty -> 1.0 (nothing to find, nothing found); one empty -> 0.0.
+Conventions, chosen so every case gives a number and per-label means stay comparable:
+
+* masks are 2D or 3D; any non-zero value is foreground;
+* both masks empty -> 1.0 (nothing to find, nothing found); exactly one empty -> 0.0, for Dice and NSD alike;
+* NSD is the fraction of both surfaces (weighted by surface area, ``use_subvoxels``) lying within ``tolerance_mm``
+  of the other surface, in physical units given by ``spacing``; the image border counts as surface for a mask
+  that touches it.
 """
 
 from __future__ import annotations
 
 import csv
+import logging
+import math
 import statistics
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,81 +26,126 @@ from monai.metrics import compute_dice, compute_surface_dice
 
 __all__ = ["dice", "evaluate_label_maps", "summarise", "surface_dice", "write_metrics_csv"]
 
+logger = logging.getLogger(__name__)
 
-def _one_hot(pred: np.ndarray, ref: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    if pred.shape != ref.shape:
-        raise ValueError(f"Prediction shape {pred.shape} does not match reference shape {ref.shape}")
-    p = torch.as_tensor(np.asarray(pred, dtype=bool))
-    r = torch.as_tensor(np.asarray(ref, dtype=bool))
-    return torch.stack([~p, p])[None].float(), torch.stack([~r, r])[None].float()
-
-
-def _empty_case(pred: np.ndarray, ref: np.ndarray) -> float | None:
-    has_pred, has_ref = bool(np.any(pred)), bool(np.any(ref))
-    if not has_pred and not has_ref:
-        return 1.0
-    if not has_pred or not has_ref:
-        return 0.0
-    return None
+METRICS = ("dice", "nsd")
 
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
-    """Dice of two binary masks (2D or 3D)."""
+    """Dice coefficient of two binary masks (2D or 3D)."""
+    pred, ref = _masks(pred, ref)
     empty = _empty_case(pred, ref)
     if empty is not None:
         return empty
-    p, r = _one_hot(pred, ref)
-    return float(compute_dice(p, r, include_background=False)[0, 0])
+    return float(compute_dice(_one_hot(pred), _one_hot(ref), include_background=False)[0, 0])
 
 
 def surface_dice(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], tolerance_mm: float = 2.0) -> float:
-    """Fraction of both surfaces within ``tolerance_mm`` of the other (NSD), in physical units."""
+    """Normalised surface distance of two binary masks with voxel ``spacing`` (mm per axis) at ``tolerance_mm``."""
+    pred, ref = _masks(pred, ref)
+    spacing = _spacing(spacing, pred.ndim)
+    if isinstance(tolerance_mm, bool) or not isinstance(tolerance_mm, int | float) or not tolerance_mm >= 0:
+        raise ValueError(f"tolerance_mm must be a number >= 0, got {tolerance_mm!r}")
     empty = _empty_case(pred, ref)
     if empty is not None:
         return empty
-    if len(spacing) != np.ndim(pred):
-        raise ValueError(f"spacing {tuple(spacing)} does not match a {np.ndim(pred)}D mask")
-    p, r = _one_hot(pred, ref)
-    value = compute_surface_dice(p, r, class_thresholds=[tolerance_mm], include_background=False, spacing=list(spacing))
+    with warnings.catch_warnings():
+        # MONAI 1.5+ passes its own deprecated `always_return_as_numpy` argument internally.
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
+        value = compute_surface_dice(
+            _one_hot(pred),
+            _one_hot(ref),
+            class_thresholds=[float(tolerance_mm)],
+            include_background=False,
+            spacing=spacing,
+            use_subvoxels=True,
+        )
     return float(value[0, 0])
 
 
 def evaluate_label_maps(
-    pred: np.ndarray, ref: np.ndarray, labels: dict[int, str], spacing: Sequence[float], tolerance_mm: float = 2.0
+    pred: np.ndarray,
+    ref: np.ndarray,
+    labels: dict[int, str],
+    spacing: Sequence[float],
+    tolerance_mm: float = 2.0,
 ) -> list[dict[str, Any]]:
-    """One row per label value: ``{label, name, dice, nsd}``."""
-    return [
-        {
-            "label": value,
-            "name": name,
-            "dice": dice(pred == value, ref == value),
-            "nsd": surface_dice(pred == value, ref == value, spacing, tolerance_mm),
-        }
-        for value, name in labels.items()
-    ]
+    """One row ``{label, name, dice, nsd}`` per entry of ``labels`` (label value -> name) in two label maps."""
+    pred, ref = np.asarray(pred), np.asarray(ref)
+    if pred.shape != ref.shape:
+        raise ValueError(f"Prediction shape {pred.shape} does not match reference shape {ref.shape}")
+    if not labels:
+        raise ValueError("No labels to evaluate: give a {value: name} map")
+    rows = []
+    for value, name in labels.items():
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"Label values must be integers >= 1 (0 is background), got {value!r} for {name!r}")
+        p, r = pred == value, ref == value
+        rows.append(
+            {"label": int(value), "name": name, "dice": dice(p, r), "nsd": surface_dice(p, r, spacing, tolerance_mm)}
+        )
+    return rows
 
 
 def write_metrics_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    path = Path(path)
+    """Write metric rows (columns in first-seen order over all rows) to a CSV file; returns its path."""
     if not rows:
         raise ValueError("No metric rows to write")
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fieldnames = list(dict.fromkeys(key for row in rows for key in row))
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fieldnames)
         writer.writeheader()
         writer.writerows(rows)
+    logger.info("Wrote %d metric rows to %s", len(rows), path)
     return path
 
 
-def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Mean, median and standard deviation of Dice and NSD per label name over cases."""
-    summary: dict[str, dict[str, float]] = {}
+def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | int]]:
+    """Per label name over cases: count, and mean, median and population standard deviation of Dice and NSD."""
+    summary: dict[str, dict[str, float | int]] = {}
     for name in dict.fromkeys(row["name"] for row in rows):
         cases = [row for row in rows if row["name"] == name]
-        entry: dict[str, float] = {"cases": len(cases)}
-        for metric in ("dice", "nsd"):
-            values = [row[metric] for row in cases]
+        entry: dict[str, float | int] = {"label": cases[0]["label"], "cases": len(cases)}
+        for metric in METRICS:
+            values = [float(row[metric]) for row in cases]
             entry[f"{metric}_mean"] = statistics.fmean(values)
             entry[f"{metric}_median"] = statistics.median(values)
             entry[f"{metric}_std"] = statistics.pstdev(values)
         summary[name] = entry
     return summary
+
+
+def _masks(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pred, ref = np.asarray(pred), np.asarray(ref)
+    if pred.shape != ref.shape:
+        raise ValueError(f"Prediction shape {pred.shape} does not match reference shape {ref.shape}")
+    if pred.ndim not in (2, 3):
+        raise ValueError(f"Masks must be 2D or 3D, got shape {pred.shape}")
+    return pred.astype(bool), ref.astype(bool)
+
+
+def _spacing(spacing: Sequence[float], ndim: int) -> list[float]:
+    try:
+        values = [float(s) for s in spacing]
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"spacing must be a sequence of {ndim} numbers (mm per axis), got {spacing!r}") from error
+    if len(values) != ndim:
+        raise ValueError(f"spacing {spacing!r} has {len(values)} values for a {ndim}D mask")
+    if not all(math.isfinite(s) and s > 0 for s in values):
+        raise ValueError(f"spacing must be positive and finite, got {spacing!r}")
+    return values
+
+
+def _empty_case(pred: np.ndarray, ref: np.ndarray) -> float | None:
+    has_pred, has_ref = bool(pred.any()), bool(ref.any())
+    if has_pred and has_ref:
+        return None
+    return 1.0 if has_pred == has_ref else 0.0
+
+
+def _one_hot(mask: np.ndarray) -> torch.Tensor:
+    """1 x 2 x spatial float tensor (background, foreground), the layout MONAI's metrics expect."""
+    foreground = torch.from_numpy(np.ascontiguousarray(mask))
+    return torch.stack([~foreground, foreground])[None].float()

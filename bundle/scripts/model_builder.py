@@ -215,21 +215,25 @@ def _vision_backbone(size: ModelSize) -> Sam3DualViTDetNeck:
     )
 
 
-def _transformer(size: ModelSize) -> TransformerWrapper:
-    encoder_layer = TransformerEncoderLayer(
+def _encoder_layer(size: ModelSize, image_encoder: bool) -> TransformerEncoderLayer:
+    """The DETR encoder's layer (batch-first, positions at self-attention) or the geometry encoder's."""
+    return TransformerEncoderLayer(
         activation="relu",
         d_model=size.d_model,
         dim_feedforward=size.ffn_dim,
         dropout=0.1,
-        pos_enc_at_attn=True,
-        pos_enc_at_cross_attn_keys=False,
+        pos_enc_at_attn=image_encoder,
+        pos_enc_at_cross_attn_keys=not image_encoder,
         pos_enc_at_cross_attn_queries=False,
         pre_norm=True,
-        self_attention=_attention(size, 0.1, batch_first=True),
-        cross_attention=_attention(size, 0.1, batch_first=True),
+        self_attention=_attention(size, 0.1, batch_first=image_encoder),
+        cross_attention=_attention(size, 0.1, batch_first=image_encoder),
     )
+
+
+def _transformer(size: ModelSize) -> TransformerWrapper:
     encoder = TransformerEncoderFusion(
-        layer=encoder_layer,
+        layer=_encoder_layer(size, image_encoder=True),
         num_layers=size.encoder_layers,
         d_model=size.d_model,
         num_feature_levels=1,
@@ -270,18 +274,6 @@ def _transformer(size: ModelSize) -> TransformerWrapper:
 
 
 def _geometry_encoder(size: ModelSize) -> SequenceGeometryEncoder:
-    layer = TransformerEncoderLayer(
-        activation="relu",
-        d_model=size.d_model,
-        dim_feedforward=size.ffn_dim,
-        dropout=0.1,
-        pos_enc_at_attn=False,
-        pre_norm=True,
-        self_attention=_attention(size, 0.1),
-        pos_enc_at_cross_attn_queries=False,
-        pos_enc_at_cross_attn_keys=True,
-        cross_attention=_attention(size, 0.1),
-    )
     return SequenceGeometryEncoder(
         pos_enc=PositionEmbeddingSine(num_pos_feats=size.d_model, normalize=True, temperature=10000),
         encode_boxes_as_points=False,
@@ -293,7 +285,7 @@ def _geometry_encoder(size: ModelSize) -> SequenceGeometryEncoder:
         boxes_pos_enc=True,
         d_model=size.d_model,
         num_layers=size.geometry_layers,
-        layer=layer,
+        layer=_encoder_layer(size, image_encoder=False),
         use_act_ckpt=True,
         add_cls=True,
         add_post_encode_proj=True,

@@ -281,7 +281,9 @@ class Medsam3Predictor:
         points, labels = np.asarray(points), np.asarray(labels)
         if points.ndim != 2 or points.shape[1] != 3 or len(points) != len(labels) or len(points) == 0:
             raise ValueError(f"Expected N x 3 points with N labels, got {points.shape} and {labels.shape}")
-        logits, scores = self._empty_result(encoding) if initial is None else (initial.logits.clone(), initial.scores.clone())
+        logits, scores = (
+            self._empty_result(encoding) if initial is None else (initial.logits.clone(), initial.scores.clone())
+        )
         memory = _new_memory()
         clicked = sorted({int(d) for d in points[:, 0]})
         with self._running():
@@ -299,7 +301,10 @@ class Medsam3Predictor:
                 memory["cond_frame_outputs"][index] = out
                 logits[index], scores[index] = out["pred_masks"][0, 0].half(), _object_score(out)
             with self.timer.stage("propagation"):
-                for reverse, order in ((False, range(clicked[0] + 1, encoding.num_slices)), (True, range(clicked[-1] - 1, -1, -1))):
+                for reverse, order in (
+                    (False, range(clicked[0] + 1, encoding.num_slices)),
+                    (True, range(clicked[-1] - 1, -1, -1)),
+                ):
                     self._propagate(encoding, memory, order, reverse, logits, scores)
         return PromptResult(logits=logits, scores=scores)
 

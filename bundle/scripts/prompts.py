@@ -45,27 +45,35 @@ class PromptSet:
         texts = _texts(texts)
         pts = _int_array(points, "points", (0, 3))
         if pts.ndim != 2 or (len(pts) and pts.shape[1] not in (2, 3)):
-            raise ValueError(f"points must be a list of [i, j, k] (or [row, col] for 2D) voxel indices, got {_show(points)}")
+            raise ValueError(
+                f"points must be a list of [i, j, k] (or [row, col] for 2D) voxel indices, got {_show(points)}"
+            )
         if point_labels is None or len(np.asarray(point_labels)) == 0:
             labels = np.ones(len(pts), dtype=np.int64)  # clicks without labels are foreground clicks
         else:
             labels = _int_array(point_labels, "point_labels", (0,))
             if labels.ndim != 1 or len(labels) != len(pts):
-                raise ValueError(f"point_labels must give one value per point: {len(pts)} points, labels {_show(point_labels)}")
+                raise ValueError(
+                    f"point_labels must give one value per point: {len(pts)} points, labels {_show(point_labels)}"
+                )
             if not np.isin(labels, (0, 1)).all():
                 raise ValueError(f"point_labels must be 1 (foreground) or 0 (background), got {labels.tolist()}")
         bxs = _int_array(boxes, "boxes", (0, 6))
         if bxs.ndim == 1 and bxs.size in (4, 6):
             bxs = bxs[None]  # a single box given flat
         if bxs.ndim != 2 or (len(bxs) and bxs.shape[1] not in (4, 6)):
-            raise ValueError(f"boxes must be a list of [i0, j0, k0, i1, j1, k1] (or [r0, c0, r1, c1] for 2D), got {_show(boxes)}")
+            raise ValueError(
+                f"boxes must be a list of [i0, j0, k0, i1, j1, k1] (or [r0, c0, r1, c1] for 2D), got {_show(boxes)}"
+            )
         if len(pts) and len(bxs) and pts.shape[1] * 2 != bxs.shape[1]:
             raise ValueError("points and boxes must have the same number of dimensions")
         prompt = cls(texts=texts, points=pts, point_labels=labels, boxes=bxs)
         if prompt.is_empty:
             raise ValueError("No prompts given: pass text prompts (label names or free text), points or boxes")
         if len(pts) and not (labels == 1).any() and not texts:
-            raise ValueError("Background clicks alone cannot define a structure: add a foreground click or a text prompt")
+            raise ValueError(
+                "Background clicks alone cannot define a structure: add a foreground click or a text prompt"
+            )
         if (len(pts) or len(bxs)) and len(texts) > 1:
             raise ValueError(
                 f"Clicks and boxes segment one structure, but {len(texts)} text prompts were given: give at most one"
@@ -91,7 +99,9 @@ class PromptSet:
         if ndim is None:
             return
         if ndim != len(shape):
-            raise ValueError(f"Prompt coordinates have {ndim} dimensions but the image has {len(shape)} ({tuple(shape)})")
+            raise ValueError(
+                f"Prompt coordinates have {ndim} dimensions but the image has {len(shape)} ({tuple(shape)})"
+            )
         upper = np.asarray(shape)
         for point in self.points:
             if (point < 0).any() or (point >= upper).any():

@@ -139,7 +139,9 @@ def run_evaluation(
             raise ValueError(f"Label {item['label']} has shape {reference.array.shape}, image {volume.array.shape}")
         result = segmenter.segment(volume, prompt_set)
         predicted = _to_reference_values(result, label_map)
-        for row in evaluate_label_maps(predicted, reference.array.astype(np.int64), label_map, volume.spacing, tolerance_mm):
+        for row in evaluate_label_maps(
+            predicted, reference.array.astype(np.int64), label_map, volume.spacing, tolerance_mm
+        ):
             rows.append({"image": item["image"], **row})
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -169,4 +171,3 @@ def _to_reference_values(result: SegmentationResult, label_map: dict[int, str]) 
     for value, row in zip(label_map, result.labels, strict=True):
         out[result.label == row["index"]] = value
     return out
-

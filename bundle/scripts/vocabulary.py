@@ -1,30 +1,50 @@
 """The label vocabulary: names, indices, text prompts and intensity presets, read from one JSON file.
 
 Everything that needs label names (the bundle's metadata, the inference output, the MONAI Label tasks and the
-trainer) reads them from here; ``configs/vocabulary.json`` is the single source.
+trainer) reads them from here, so ``configs/vocabulary.json`` is the single source and a bad file fails at load
+time with the file and the problem named, not mid-inference.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import numbers
 import re
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_VOCABULARY_PATH", "LabelEntry", "ResolvedPrompt", "Vocabulary", "load_vocabulary"]
+from .intensity import check_preset
+
+__all__ = [
+    "DEFAULT_VOCABULARY_PATH",
+    "MODALITIES",
+    "LabelEntry",
+    "ResolvedPrompt",
+    "Vocabulary",
+    "load_vocabulary",
+    "lookup_key",
+]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_VOCABULARY_PATH = Path(__file__).resolve().parents[2] / "configs" / "vocabulary.json"
 MODALITIES = ("CT", "MR")
+_INDEX = re.compile(r"[+-]?[0-9]+")
 
 
 @dataclass(frozen=True)
 class LabelEntry:
+    """One label; ``prompts[0]`` is the canonical text the model sees, ``aliases`` only resolve to the label."""
+
     index: int
     name: str
     prompts: tuple[str, ...]
     modalities: tuple[str, ...]
-    presets: dict[str, str]  # modality -> preset name
+    presets: dict[str, str] = field(hash=False)  # modality -> preset name
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -37,103 +57,208 @@ class ResolvedPrompt:
     known: bool
 
 
-def _normalise(text: str) -> str:
-    return re.sub(r"[\s_]+", " ", text.strip().lower())
+def lookup_key(text: str) -> str:
+    """The form texts are compared in: case, repeated whitespace and underscores (``left_kidney``) do not matter."""
+    return " ".join(text.replace("_", " ").lower().split())
 
 
 class Vocabulary:
-    """Lookup by index, name or synonym (case, spaces and underscores ignored)."""
+    """Labels looked up by index, name, prompt or alias; presets by label and modality."""
 
-    def __init__(self, entries: list[LabelEntry], presets: dict[str, dict[str, Any]], defaults: dict[str, str]) -> None:
-        self.entries = entries
+    def __init__(
+        self,
+        entries: list[LabelEntry],
+        presets: dict[str, dict[str, Any]],
+        defaults: dict[str, str],
+        path: Path | None = None,
+    ) -> None:
+        self.entries = sorted(entries, key=lambda e: e.index)
         self.presets = presets
         self.defaults = defaults
-        self.by_index = {e.index: e for e in entries}
-        self._by_text: dict[str, LabelEntry] = {}
-        for entry in entries:
-            for text in (entry.name, *entry.prompts):
-                self._by_text.setdefault(_normalise(text), entry)
+        self.path = path
+        self.by_index = {e.index: e for e in self.entries}
+        self._by_text = _text_index(self.entries, path)
 
     @property
     def names(self) -> list[str]:
         return [e.name for e in self.entries]
 
-    def __iter__(self):  # noqa: ANN204 - iterator of LabelEntry
+    def __iter__(self) -> Iterator[LabelEntry]:
         return iter(self.entries)
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def resolve(self, query: str | int) -> ResolvedPrompt:
-        """A label index, name or synonym -> its entry; other text -> free text (``known=False``)."""
-        if isinstance(query, bool) or not isinstance(query, (str, int)):
+        """A label index (int or digits), name, prompt or alias -> its label; other text -> free text (not known)."""
+        if isinstance(query, numbers.Integral) and not isinstance(query, bool):
+            return _resolved(self._at_index(int(query)))
+        if not isinstance(query, str):
             raise ValueError(f"A label is a name, a synonym or an index, got {query!r}")
-        text = str(query).strip()
+        text = " ".join(query.split())
         if not text:
-            raise ValueError("Empty label name")
-        if text.isdigit():
-            index = int(text)
-            if index not in self.by_index:
-                raise ValueError(f"Label index {index} is not in the vocabulary (indices 1..{max(self.by_index)})")
-            entry = self.by_index[index]
-        else:
-            entry = self._by_text.get(_normalise(text))
+            raise ValueError("Empty label query: give a label name, a synonym or an index")
+        if _INDEX.fullmatch(text):
+            return _resolved(self._at_index(int(text)))
+        entry = self._by_text.get(lookup_key(text))
         if entry is None:
             return ResolvedPrompt(name=text, index=None, prompts=(text,), known=False)
-        return ResolvedPrompt(name=entry.name, index=entry.index, prompts=entry.prompts, known=True)
+        return _resolved(entry)
 
-    def preset_for(self, name: str, modality: str) -> dict[str, Any]:
-        """The intensity preset for a label in a modality (the modality's default when the label has none)."""
-        entry = self._by_text.get(_normalise(name))
-        preset = entry.presets.get(modality) if entry else None
-        return self.presets[preset] if preset else self.default_preset(modality)
+    def preset_for(self, label: str | int | LabelEntry | ResolvedPrompt, modality: str) -> dict[str, Any]:
+        """The intensity preset for ``label`` in ``modality``: the label's own, else the modality's default."""
+        modality = _modality(modality)
+        entry = self._entry_for(label)
+        name = entry.presets.get(modality) if entry else None
+        return dict(self.presets[name]) if name else self.default_preset(modality)
 
     def default_preset(self, modality: str) -> dict[str, Any]:
-        if modality not in self.defaults:
-            raise ValueError(f"Unknown modality {modality!r}; choose one of {sorted(self.defaults)}")
-        return self.presets[self.defaults[modality]]
+        """The preset for free text and for labels without one for ``modality``."""
+        return dict(self.presets[self.defaults[_modality(modality)]])
 
     def channel_def(self) -> dict[str, str]:
         """``{"0": "background", "1": "liver", ...}`` for the bundle's metadata."""
         return {"0": "background", **{str(e.index): e.name for e in self.entries}}
 
+    def _at_index(self, index: int) -> LabelEntry:
+        if index not in self.by_index:
+            source = f" {self.path}" if self.path else ""
+            raise ValueError(
+                f"Label index {index} is not in the vocabulary{source} (indices {min(self.by_index)} to "
+                f"{max(self.by_index)}); give a listed index or a label name"
+            )
+        return self.by_index[index]
+
+    def _entry_for(self, label: str | int | LabelEntry | ResolvedPrompt) -> LabelEntry | None:
+        if isinstance(label, LabelEntry):
+            return label
+        resolved = label if isinstance(label, ResolvedPrompt) else self.resolve(label)
+        return self.by_index.get(resolved.index) if resolved.known else None
+
 
 def load_vocabulary(path: str | Path | None = None) -> Vocabulary:
-    """Read and validate a vocabulary file; problems raise ``ValueError`` naming the file."""
-    path = Path(path) if path else DEFAULT_VOCABULARY_PATH
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"Cannot read label vocabulary {path}: {error}") from error
-    presets = data.get("presets", {})
-    defaults = data.get("default_presets", {})
-    for modality, name in defaults.items():
-        if name not in presets:
-            raise ValueError(f"{path}: default preset {name!r} for {modality} is not defined in 'presets'")
-    entries: list[LabelEntry] = []
-    for raw in data.get("labels", []):
-        entries.append(_entry(raw, presets, path))
-    if not entries:
-        raise ValueError(f"{path} defines no labels")
-    for attribute in ("index", "name"):
+    """Read and validate a vocabulary file (default: the repository's); problems raise ``ValueError`` naming it."""
+    path = Path(path) if path is not None else DEFAULT_VOCABULARY_PATH
+    data = _read_object(path)
+    presets = _presets(data, path)
+    defaults = _defaults(data, presets, path)
+    raw_labels = data.get("labels")
+    if not isinstance(raw_labels, list) or not raw_labels:
+        raise _invalid(path, "'labels' must be a non-empty list of label objects")
+    entries = [_entry(raw, presets, path) for raw in raw_labels]
+    for attribute, plural in (("index", "indices"), ("name", "names")):
         values = [getattr(e, attribute) for e in entries]
         duplicates = sorted({v for v in values if values.count(v) > 1}, key=str)
         if duplicates:
-            raise ValueError(f"{path}: duplicate label {attribute}s {duplicates}")
-    return Vocabulary(entries, presets, defaults)
+            raise _invalid(path, f"duplicate label {plural} {duplicates}")
+    vocabulary = Vocabulary(entries, presets, defaults, path)
+    logger.debug("Loaded %d labels from %s", len(vocabulary), path)
+    return vocabulary
 
 
-def _entry(raw: dict[str, Any], presets: dict[str, Any], path: Path) -> LabelEntry:
+def _invalid(path: Path | None, problem: str) -> ValueError:
+    return ValueError(f"Label vocabulary {path}: {problem}")
+
+
+def _read_object(path: Path) -> dict[str, Any]:
     try:
-        index, name, prompts = int(raw["index"]), _normalise(raw["name"]), tuple(raw["prompts"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"{path}: label entry {raw!r} needs an integer 'index', a 'name' and 'prompts'") from error
-    if index < 1:
-        raise ValueError(f"{path}: label {name!r} has index {index}; indices start at 1 (0 is background)")
-    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise ValueError(f"{path}: label {name!r} needs at least one non-empty text prompt")
-    preset = dict(raw.get("preset", {}))
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _invalid(path, f"cannot be read as JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise _invalid(path, f"the top level must be an object, got {type(data).__name__}")
+    return data
+
+
+def _presets(data: dict[str, Any], path: Path) -> dict[str, dict[str, Any]]:
+    presets = data.get("presets")
+    if not isinstance(presets, dict) or not presets:
+        raise _invalid(path, "'presets' must be a non-empty object of named intensity presets")
+    for name, preset in presets.items():
+        try:
+            check_preset(preset)
+        except ValueError as error:
+            raise _invalid(path, f"preset {name!r}: {error}") from error
+    return presets
+
+
+def _defaults(data: dict[str, Any], presets: dict[str, Any], path: Path) -> dict[str, str]:
+    defaults = data.get("default_presets")
+    if not isinstance(defaults, dict) or set(defaults) != set(MODALITIES):
+        raise _invalid(path, f"'default_presets' must name one preset for each of {list(MODALITIES)}")
+    for modality, name in defaults.items():
+        if name not in presets:
+            raise _invalid(path, f"default preset {name!r} for {modality} is not defined in 'presets'")
+    return defaults
+
+
+def _entry(raw: Any, presets: dict[str, Any], path: Path) -> LabelEntry:
+    if not isinstance(raw, dict):
+        raise _invalid(path, f"a label must be an object, got {raw!r}")
+    index, name = raw.get("index"), raw.get("name")
+    if isinstance(index, bool) or not isinstance(index, int) or index < 1:
+        raise _invalid(path, f"label {name!r} needs an integer 'index' of at least 1 (0 is background), got {index!r}")
+    if not isinstance(name, str) or not name or name != lookup_key(name):
+        raise _invalid(path, f"label {index}: 'name' must be lowercase words separated by single spaces, got {name!r}")
+    prompts = _texts(raw.get("prompts"), f"label {name!r} 'prompts'", path)
+    if not prompts:
+        raise _invalid(path, f"label {name!r} needs at least one text prompt")
+    aliases = _texts(raw.get("aliases", []), f"label {name!r} 'aliases'", path)
+    modalities = tuple(raw.get("modalities", MODALITIES))
+    if not modalities or not set(modalities) <= set(MODALITIES):
+        raise _invalid(path, f"label {name!r} has modalities {list(modalities)}; use some of {list(MODALITIES)}")
+    preset = raw.get("preset", {})
+    if not isinstance(preset, dict):
+        raise _invalid(path, f"label {name!r}: 'preset' must map modalities to preset names")
     for modality, preset_name in preset.items():
-        if modality not in MODALITIES or preset_name not in presets:
-            raise ValueError(f"{path}: label {name!r} uses unknown preset {preset_name!r} for {modality!r}")
-    return LabelEntry(index, name, prompts, tuple(raw.get("modalities", MODALITIES)), preset)
+        if modality not in modalities:
+            raise _invalid(path, f"label {name!r} has a preset for {modality!r}, which is not among its modalities")
+        if preset_name not in presets:
+            raise _invalid(path, f"label {name!r} uses unknown preset {preset_name!r} for {modality}")
+    return LabelEntry(index, name, prompts, modalities, dict(preset), aliases)
+
+
+def _texts(value: Any, what: str, path: Path) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(t, str) and t.strip() for t in value):
+        raise _invalid(path, f"{what} must be a list of non-empty strings, got {value!r}")
+    return tuple(" ".join(t.split()) for t in value)
+
+
+def _text_index(entries: list[LabelEntry], path: Path | None) -> dict[str, LabelEntry]:
+    """Lookup key of every name, prompt and alias -> its label; a text naming two labels is an error."""
+    index: dict[str, LabelEntry] = {}
+    for entry in entries:
+        for text in (entry.name, *entry.prompts, *entry.aliases):
+            key = lookup_key(text)
+            other = index.setdefault(key, entry)
+            if other is not entry:
+                raise _invalid(path, f"{text!r} names both {other.name!r} and {entry.name!r}")
+    return index
+
+
+def _resolved(entry: LabelEntry) -> ResolvedPrompt:
+    return ResolvedPrompt(name=entry.name, index=entry.index, prompts=entry.prompts, known=True)
+
+
+def _modality(modality: str) -> str:
+    normalised = modality.upper() if isinstance(modality, str) else modality
+    if normalised not in MODALITIES:
+        raise ValueError(f"Unknown modality {modality!r}; use one of {list(MODALITIES)}")
+    return normalised
+
+
+def write_channel_def(metadata_path: str | Path, vocabulary: Vocabulary | None = None) -> None:
+    """Refresh the bundle metadata's output ``channel_def`` from the vocabulary (run after editing the vocabulary).
+
+    ``python -m scripts.vocabulary bundle/configs/metadata.json``
+    """
+    path = Path(metadata_path)
+    meta = json.loads(path.read_text())
+    meta["network_data_format"]["outputs"]["pred"]["channel_def"] = (vocabulary or load_vocabulary()).channel_def()
+    path.write_text(json.dumps(meta, indent=4) + "\n")
+
+
+if __name__ == "__main__":
+    import sys
+
+    write_channel_def(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "configs" / "metadata.json")

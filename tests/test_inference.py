@@ -1,0 +1,162 @@
+"""Images in, label maps out: geometry round trips, every prompt type in 2D and 3D, bad input."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from helpers import tiny_model
+from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
+
+from scripts.image_io import read_image, write_label
+from scripts.inference import VolumeSegmenter
+from scripts.orientation import SliceView
+from scripts.phantom import write_phantom
+from scripts.predictor import Medsam3Predictor
+from scripts.prompts import PromptSet
+from scripts.vocabulary import load_vocabulary
+
+SHAPE = (40, 36, 12)
+SPACING = (1.2, 1.5, 3.0)
+
+
+@pytest.fixture(scope="module")
+def segmenter() -> VolumeSegmenter:
+    predictor = Medsam3Predictor(tiny_model(seed=2), batch_size=6, score_threshold=0.0, max_empty_slices=None)
+    return VolumeSegmenter(predictor, load_vocabulary())
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    root = tmp_path_factory.mktemp("phantoms")
+    files = {
+        code: write_phantom(root, code, orientation=code, shape=SHAPE, spacing=SPACING)
+        for code in ("RAS", "LPS", "PSR", "ILA")
+    }
+    files["nrrd"] = write_phantom(root, "nrrd", fmt="nrrd", orientation="LPS", shape=SHAPE, spacing=SPACING)
+    files["dicom"] = write_phantom(root, "dicom", fmt="dicom", shape=SHAPE, spacing=SPACING)
+    files["png"] = write_phantom(root, "picture", fmt="png", shape=(64, 80, 1))
+    return files
+
+
+def _to_ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    return apply_orientation(array, ornt_transform(axcodes2ornt(nib.aff2axcodes(affine)), axcodes2ornt("RAS")))
+
+
+@pytest.mark.parametrize("code", ["LPS", "PSR", "ILA"])
+def test_result_is_independent_of_storage_order(segmenter, phantoms, tmp_path, code: str) -> None:
+    """The same anatomy stored in another axis order gives the same physical segmentation, in its own grid."""
+    prompts = PromptSet.create(texts=["liver", "spleen"])
+    reference = segmenter.segment(read_image(phantoms["RAS"][0]), prompts).label
+    volume = read_image(phantoms[code][0])
+    label = segmenter.segment(volume, prompts).label
+    assert label.shape == volume.array.shape
+    out = write_label(label, volume, tmp_path / f"{code}.nii.gz")
+    written, original = nib.load(out), nib.load(phantoms[code][0])
+    np.testing.assert_allclose(written.affine, original.affine, atol=1e-4)
+    np.testing.assert_array_equal(_to_ras(np.asarray(written.dataobj), written.affine), reference)
+    assert set(np.unique(reference)) <= {0, 1, 2} and (reference > 0).any()
+
+
+def test_nrrd_and_dicom_series_round_trip(segmenter, phantoms, tmp_path) -> None:
+    prompts = PromptSet.create(texts=["liver"])
+    reference = segmenter.segment(read_image(phantoms["RAS"][0]), prompts).label
+    for key in ("nrrd", "dicom"):
+        volume = read_image(phantoms[key][0])
+        label = segmenter.segment(volume, prompts).label
+        out = write_label(label, volume, tmp_path / f"{key}.nrrd")
+        back = read_image(out)
+        np.testing.assert_allclose(back.direction, volume.direction, atol=1e-6)
+        np.testing.assert_allclose(back.origin, volume.origin, atol=1e-4)
+        np.testing.assert_allclose(back.spacing, volume.spacing, atol=1e-5)
+        ras = SliceView.for_volume(volume).to_view(label)
+        expected = SliceView.for_volume(read_image(phantoms["RAS"][0])).to_view(reference)
+        if key == "nrrd":  # same voxels as the NIfTI: identical; DICOM stores rounded HU, so only the grid is checked
+            np.testing.assert_array_equal(ras, expected)
+        assert ras.shape == expected.shape
+
+
+def test_click_lands_in_clicked_structure(phantoms) -> None:
+    """A click at a liver voxel of a non-RAS file maps to a liver voxel of the model's view."""
+    image_path, label_path = phantoms["PSR"]
+    volume, label = read_image(image_path), read_image(label_path).array
+    liver = np.argwhere(label == 1)
+    point = liver[len(liver) // 2]
+    view = SliceView.for_volume(volume)
+    d, h, w = view.points_to_view(point[None])[0]
+    assert view.to_view(label)[d, h, w] == 1
+    ras_volume = read_image(phantoms["RAS"][0])
+    np.testing.assert_array_equal(
+        view.to_view(volume.array), SliceView.for_volume(ras_volume).to_view(ras_volume.array)
+    )
+
+
+def test_clicks_boxes_and_text_on_a_volume(segmenter, phantoms) -> None:
+    volume = read_image(phantoms["LPS"][0])
+    clicks = segmenter.segment(
+        volume, PromptSet.create(texts=["liver"], points=[[12, 20, 6], [5, 5, 6]], point_labels=[1, 0])
+    )
+    assert clicks.labels[0]["source"] == "clicks" and clicks.labels[0]["index"] == 1
+    assert clicks.label.shape == volume.array.shape
+    box = segmenter.segment(volume, PromptSet.create(boxes=[[5, 6, 3, 20, 25, 8]]))
+    inside = np.zeros(volume.array.shape, dtype=bool)
+    inside[4:22, 5:27, 3:9] = True  # the box plus one voxel of border
+    assert not box.label[~inside].any()
+    free = segmenter.segment(volume, PromptSet.create(texts=["liver", "a strange blob"]))
+    assert (
+        free.unknown_prompts == ["a strange blob"] and free.labels[1]["index"] == max(segmenter.vocabulary.by_index) + 1
+    )
+
+
+def test_2d_pictures(segmenter, phantoms, tmp_path) -> None:
+    picture = read_image(phantoms["png"][0])
+    assert picture.is_2d and picture.array.shape == (64, 80)
+    for prompts in (
+        PromptSet.create(texts=["liver"]),
+        PromptSet.create(points=[[30, 20]]),
+        PromptSet.create(boxes=[[10, 10, 40, 50]]),
+    ):
+        result = segmenter.segment(picture, prompts)
+        assert result.label.shape == (64, 80)
+    out = write_label(result.label, picture, tmp_path / "picture.png")
+    assert read_image(out).array.shape == (64, 80)
+    with pytest.raises(ValueError, match="Point .* is outside the image"):
+        segmenter.segment(picture, PromptSet.create(points=[[64, 0]]))
+
+
+def test_points_outside_the_volume(segmenter, phantoms) -> None:
+    volume = read_image(phantoms["RAS"][0])
+    with pytest.raises(ValueError, match=r"Point \[40, 0, 0\] is outside the image \(shape \(40, 36, 12\)\)"):
+        segmenter.segment(volume, PromptSet.create(points=[[40, 0, 0]]))
+    with pytest.raises(ValueError, match="Prompt coordinates have 2 dimensions but the image has 3"):
+        segmenter.segment(volume, PromptSet.create(points=[[4, 5]]))
+
+
+def test_bad_files(tmp_path, phantoms) -> None:
+    good = phantoms["RAS"][0]
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(good.read_bytes()[:2000])
+    with pytest.raises(ValueError, match="Cannot read image .*truncated.nii.gz"):
+        read_image(truncated)
+    garbage = tmp_path / "garbage.nii.gz"
+    garbage.write_bytes(gzip.compress(b"not a nifti file at all" * 20))
+    with pytest.raises(ValueError, match="Cannot read image .*garbage.nii.gz"):
+        read_image(garbage)
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 2), dtype=np.float32), np.eye(4)), tmp_path / "four.nii.gz")
+    with pytest.raises(ValueError, match="4D images are not supported"):
+        read_image(tmp_path / "four.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((7,), dtype=np.float32), np.eye(4)), tmp_path / "line.nii.gz")
+    with pytest.raises(ValueError, match="1D array is not an image"):
+        read_image(tmp_path / "line.nii.gz")
+    with pytest.raises(ValueError, match="Image not found"):
+        read_image(tmp_path / "missing.nii.gz")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="Unsupported image format '.txt'"):
+        read_image(tmp_path / "notes.txt")
+    (tmp_path / "empty_dicom").mkdir()
+    with pytest.raises(ValueError, match="DICOM folder .* is empty"):
+        read_image(tmp_path / "empty_dicom")
+    assert good.exists() and read_image(good).array.shape == SHAPE  # inputs are never modified
