@@ -1,40 +1,91 @@
 """Read medical images with their geometry and write label maps in exactly that geometry.
 
-Volumes (NIfTI, NRRD, DICOM series folders) are read with ITK, so every format gives the same convention:
-``array[i, j, k]`` is the voxel 3D Slicer calls IJK, ``direction``/``origin`` are ITK's LPS values. Pictures
-(PNG/JPEG, single-frame DICOM, 2D NIfTI) are 2D arrays of rows x columns (x 3 for colour).
+Every volume format gives the same convention, ITK's: ``array[i, j, k]`` is the voxel 3D Slicer calls IJK
+(the file's own index order), ``spacing`` is per index axis, ``origin`` and ``direction`` (columns = index
+axes) are LPS world values. NIfTI is read with nibabel (ITK silently zero-fills truncated NIfTI files) and its
+header is kept, so labels written back to NIfTI carry the input's exact affine; NRRD, MetaImage and DICOM
+are read with ITK. 2D pictures (PNG/JPEG, single-frame DICOM, 2D NIfTI/NRRD) are rows x columns (x 3 for
+colour), with ITK's picture convention: columns run along ITK index i, rows along j; they keep only spacing.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import struct
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import itk
+import nibabel as nib
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
+from PIL import Image
 
-__all__ = ["ImageVolume", "output_path_for", "read_image", "write_label"]
+__all__ = ["ImageVolume", "output_path_for", "read_image", "write_image", "write_label"]
 
 logger = logging.getLogger(__name__)
 
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+DICOM_SUFFIX = ".dcm"
+_RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0])  # its own inverse
+_PICTURE_DIRECTION = np.array([[0.0, 1.0], [1.0, 0.0]])  # rows run along LPS y, columns along LPS x
+# Errors the readers raise for damaged or foreign files; reported as ValueError with the reason.
+_READ_ERRORS = (OSError, EOFError, ValueError, RuntimeError, zlib.error, struct.error, ImageFileError, HeaderDataError)
+# ITK component type -> the wrapped ITK Python pixel type that holds it; anything else is read as double.
+_ITK_PIXEL_TYPES = {
+    "unsigned_char": "UC",
+    "char": "SS",  # signed char is not wrapped in ITK Python
+    "short": "SS",
+    "unsigned_short": "US",
+    "int": "SI",
+    "unsigned_int": "UI",
+    "float": "F",
+}
+_ITK_WRITE_DTYPES = ("uint8", "int16", "uint16", "int32", "uint32", "float32", "float64")
 
 
 @dataclass
 class ImageVolume:
-    """An image array in the file's own index order, with the geometry needed to write results back."""
+    """An image array in the file's own index order, with the geometry needed to write results back.
+
+    Attributes:
+        array: volumes (I, J, K) in file index order; pictures (H, W) or (H, W, 3) rows x columns.
+        spacing: millimetres per array axis.
+        origin: LPS position (mm) of voxel (0, 0, 0); zeros for pictures.
+        direction: LPS direction cosines, one column per array axis.
+        nifti_header: the header of a NIfTI input, reused so written labels keep its exact affine.
+    """
 
     array: np.ndarray
     spacing: tuple[float, ...]
     origin: tuple[float, ...]
-    direction: np.ndarray  # LPS direction cosines, one column per index axis (ITK convention)
+    direction: np.ndarray
     path: Path
     is_2d: bool = False
     is_rgb: bool = False
+    nifti_header: nib.Nifti1Header | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_affine(cls, array: np.ndarray, affine_ras: np.ndarray, path: str | Path = "") -> ImageVolume:
+        """A 3D volume whose 4 x 4 ``affine_ras`` maps voxel index (i, j, k) to RAS millimetres."""
+        linear = _RAS_FROM_LPS @ np.asarray(affine_ras, dtype=np.float64)[:3, :3]
+        spacing = np.linalg.norm(linear, axis=0)
+        if not (spacing > 0).all():
+            raise ValueError(f"{path}: the affine has a zero-length axis:\n{affine_ras}")
+        origin = _RAS_FROM_LPS @ np.asarray(affine_ras, dtype=np.float64)[:3, 3]
+        return cls(array, tuple(spacing.tolist()), tuple(origin.tolist()), linear / spacing, Path(path))
+
+    @classmethod
+    def from_picture(
+        cls, array: np.ndarray, spacing: tuple[float, float] = (1.0, 1.0), path: str | Path = ""
+    ) -> ImageVolume:
+        """A rows x columns (x 3) picture that keeps only its pixel spacing (row spacing, column spacing)."""
+        array = np.ascontiguousarray(array)
+        return cls(array, tuple(spacing), (0.0, 0.0), _PICTURE_DIRECTION.copy(), Path(path), True, array.ndim == 3)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -42,17 +93,14 @@ class ImageVolume:
 
     @property
     def affine_ras(self) -> np.ndarray:
-        """4 x 4 matrix from voxel index (i, j, k) to RAS millimetres; for 2D pictures, rows/columns as i/j."""
-        direction = np.eye(3)
-        spacing = np.ones(3)
-        origin = np.zeros(3)
+        """4 x 4 matrix from array index (i, j, k) to RAS millimetres; pictures map (row, column, 0)."""
         n = len(self.spacing)
-        direction[:n, :n] = self.direction
-        spacing[:n] = self.spacing
+        linear, origin = np.eye(3), np.zeros(3)
+        linear[:n, :n] = np.asarray(self.direction, dtype=np.float64) * np.asarray(self.spacing)
         origin[:n] = self.origin
         affine = np.eye(4)
-        affine[:3, :3] = _LPS_TO_RAS @ direction @ np.diag(spacing)
-        affine[:3, 3] = _LPS_TO_RAS @ origin
+        affine[:3, :3] = _RAS_FROM_LPS @ linear
+        affine[:3, 3] = _RAS_FROM_LPS @ origin
         return affine
 
 
@@ -66,126 +114,220 @@ def read_image(path: str | Path) -> ImageVolume:
     path = Path(path)
     if not path.exists():
         raise ValueError(f"Image not found: {path}")
+    suffix = _suffix(path)
     if path.is_dir():
         volume = _read_dicom_series(path)
+    elif suffix in NIFTI_SUFFIXES:
+        volume = _read_nifti(path)
+    elif suffix in PICTURE_SUFFIXES:
+        volume = _read_picture(path)
+    elif suffix in (*ITK_SUFFIXES, DICOM_SUFFIX):
+        volume = _read_itk(str(path), path)
     else:
-        suffix = _suffix(path)
-        if suffix in PICTURE_SUFFIXES:
-            volume = _read_picture(path)
-        elif suffix in VOLUME_SUFFIXES or suffix == ".dcm":
-            volume = _read_itk(path, path)
-        else:
-            raise ValueError(
-                f"Unsupported image format {suffix!r} for {path}: use NIfTI, NRRD, a DICOM folder or file, PNG or JPEG"
-            )
-    _check_array(volume)
+        raise ValueError(
+            f"Unsupported image format {suffix!r} for {path}: use NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), "
+            "MetaImage (.mha, .mhd), a DICOM file or series folder, PNG or JPEG"
+        )
+    if volume.array.dtype.kind not in "biuf":
+        raise ValueError(f"{path} has unsupported pixel type {volume.array.dtype}")
+    logger.debug("Read %s: shape %s, spacing %s", path, volume.array.shape, volume.spacing)
     return volume
 
 
-def _read_itk(source: Path | list[str], path: Path) -> ImageVolume:
+def _cannot_read(path: Path, error: BaseException) -> ValueError:
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    reason = lines[-1].strip() if lines else type(error).__name__  # ITK puts the cause on the last line
+    return ValueError(f"Cannot read image {path}: {reason}")
+
+
+def _spatial_shape(shape: tuple[int, ...], path: Path) -> tuple[int, ...]:
+    """The image's 2 or 3 spatial sizes; trailing singleton axes beyond the third are dropped."""
+    shape = tuple(int(s) for s in shape)
+    spatial = shape
+    while len(spatial) > 3 and spatial[-1] == 1:
+        spatial = spatial[:-1]
+    if len(spatial) > 3:
+        raise ValueError(
+            f"{len(spatial)}D images are not supported: {path} has shape {shape}; give a 2D picture or one 3D volume"
+        )
+    if len(spatial) < 2:
+        raise ValueError(f"{path} has shape {shape}: a 1D array is not an image")
+    if 0 in spatial:
+        raise ValueError(f"{path} has an empty axis (shape {shape})")
+    return spatial
+
+
+def _read_nifti(path: Path) -> ImageVolume:
     try:
-        if isinstance(source, list):
-            reader = itk.ImageSeriesReader.New(FileNames=source, ForceOrthogonalDirection=False)
-            reader.Update()
-            image = reader.GetOutput()
-        else:
-            image = itk.imread(str(source))
-    except (RuntimeError, ValueError, OSError) as error:
-        raise ValueError(f"Cannot read image {path}: {_first_line(error)}") from error
-    if image.GetNumberOfComponentsPerPixel() > 1 and image.GetImageDimension() == 2:
-        array = np.asarray(itk.array_view_from_image(image)).copy()  # rows x columns x channels
-        return ImageVolume(array[..., :3], tuple(image.GetSpacing())[::-1], (0.0, 0.0), np.eye(2), path, True, True)
-    array = np.asarray(itk.array_view_from_image(image)).copy()
+        image = nib.load(path, mmap=False)
+    except _READ_ERRORS as error:
+        raise _cannot_read(path, error) from error
+    shape = _spatial_shape(image.shape, path)
+    try:
+        array = np.asanyarray(image.dataobj).reshape(shape)
+    except _READ_ERRORS as error:
+        raise _cannot_read(path, error) from error
+    header = image.header.copy()
+    if len(shape) == 2:  # NIfTI axis 0 (i) runs along the columns, as for every 2D picture
+        zooms = header.get_zooms()
+        volume = ImageVolume.from_picture(array.T, (float(zooms[1]), float(zooms[0])), path)
+    else:
+        volume = ImageVolume.from_affine(array, image.affine, path)
+    volume.nifti_header = header
+    return volume
+
+
+def _read_itk(source: str | list[str], path: Path) -> ImageVolume:
+    """NRRD, MetaImage, a DICOM file, or (``source`` a list of files) a DICOM series."""
+    first = source[0] if isinstance(source, list) else source
+    io = itk.ImageIOFactory.CreateImageIO(first, itk.CommonEnums.IOFileMode_ReadMode)
+    if io is None:
+        raise ValueError(f"Cannot read image {path}: no reader recognises the file (damaged or not an image)")
+    try:
+        io.SetFileName(first)
+        io.ReadImageInformation()
+    except _READ_ERRORS as error:
+        raise _cannot_read(path, error) from error
+    if not isinstance(source, list):  # refuse 1D and 4D files before ITK looks for a wrapped image type
+        _spatial_shape(tuple(io.GetDimensions(axis) for axis in range(io.GetNumberOfDimensions())), path)
+    components = io.GetNumberOfComponents()
+    pixel = _ITK_PIXEL_TYPES.get(io.GetComponentTypeAsString(io.GetComponentType()), "D")
+    try:
+        image = itk.imread(source, pixel_type=getattr(itk, pixel)) if components == 1 else itk.imread(source)
+    except (*_READ_ERRORS, TypeError) as error:
+        raise _cannot_read(path, error) from error
+    return _volume_from_itk(image, components, io.GetNameOfClass() == "GDCMImageIO", path)
+
+
+def _volume_from_itk(image: itk.Image, components: int, is_dicom: bool, path: Path) -> ImageVolume:
+    array = itk.array_from_image(image)  # ITK's numpy order is reversed: (k, j, i) or (j, i), channels last
     ndim = image.GetImageDimension()
-    array = array.transpose(tuple(range(array.ndim - 1, -1, -1)))  # ITK's numpy view is (k, j, i)
-    direction = np.asarray(itk.array_from_matrix(image.GetDirection()), dtype=np.float64)
     spacing = tuple(float(s) for s in image.GetSpacing())
-    origin = tuple(float(o) for o in image.GetOrigin())
-    if ndim == 3 and array.shape[2] == 1 and _suffix(path) == ".dcm":
-        array = array[:, :, 0].T  # a single DICOM frame: a picture of rows x columns
-        return ImageVolume(array, spacing[1::-1], origin[:2], np.eye(2), path, is_2d=True)
+    if ndim == 3 and array.shape[0] == 1 and is_dicom:
+        array, ndim, spacing = array[0], 2, spacing[:2]  # a single DICOM frame is a picture
+    if components > 1:
+        if ndim != 2 or components not in (3, 4):
+            raise ValueError(f"{path} has {components} values per voxel: give a single-channel volume or RGB picture")
+        return ImageVolume.from_picture(array[..., :3], (spacing[1], spacing[0]), path)
     if ndim == 2:
-        return ImageVolume(array.T, spacing[::-1], origin[::-1], np.eye(2), path, is_2d=True)
-    return ImageVolume(array, spacing, origin, direction, path)
+        return ImageVolume.from_picture(array, (spacing[1], spacing[0]), path)
+    direction = np.asarray(itk.array_from_matrix(image.GetDirection()), dtype=np.float64)
+    origin = tuple(float(o) for o in image.GetOrigin())
+    return ImageVolume(np.ascontiguousarray(array.transpose(2, 1, 0)), spacing, origin, direction, path)
 
 
 def _read_dicom_series(folder: Path) -> ImageVolume:
-    files = [p for p in folder.iterdir() if p.is_file()]
-    if not files:
+    if not any(p.is_file() for p in folder.iterdir()):
         raise ValueError(f"DICOM folder {folder} is empty")
     names = itk.GDCMSeriesFileNames.New(Directory=str(folder))
     series = list(names.GetSeriesUIDs())
     if not series:
-        raise ValueError(f"No DICOM series found in {folder}")
+        raise ValueError(f"No DICOM series found in {folder}: give a folder of .dcm files of one series")
     chosen = max(series, key=lambda uid: len(names.GetFileNames(uid)))
+    files = list(names.GetFileNames(chosen))
     if len(series) > 1:
-        logger.warning("%s holds %d DICOM series; reading the largest, %s", folder, len(series), chosen)
-    return _read_itk(list(names.GetFileNames(chosen)), folder)
+        logger.warning(
+            "%s holds %d DICOM series; reading the largest, %s (%d files)", folder, len(series), chosen, len(files)
+        )
+    return _read_itk(files, folder)
 
 
 def _read_picture(path: Path) -> ImageVolume:
     try:
         with Image.open(path) as picture:
             picture.load()
-            rgb = picture.mode not in ("L", "I", "I;16", "F", "1")
-            array = np.asarray(picture.convert("RGB") if rgb else picture)
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"Cannot read image {path}: {_first_line(error)}") from error
-    if rgb and np.ptp(array.astype(np.int16), axis=-1).max() == 0:
-        array, rgb = array[..., 0], False  # a grey picture stored as RGB
-    return ImageVolume(np.ascontiguousarray(array), (1.0, 1.0), (0.0, 0.0), np.eye(2), path, True, rgb)
-
-
-def _check_array(volume: ImageVolume) -> None:
-    spatial = volume.array.shape[:2] if volume.is_rgb else volume.array.shape
-    if len(spatial) > 3 or (len(spatial) == 3 and volume.is_2d):
-        raise ValueError(
-            f"{len(spatial)}D images are not supported: {volume.path} has shape {volume.array.shape}; "
-            "give a 2D picture or a 3D volume (one time point / channel)"
-        )
-    if len(spatial) < 2:
-        raise ValueError(f"{volume.path} has shape {volume.array.shape}: a 1D array is not an image")
-    if 0 in spatial:
-        raise ValueError(f"{volume.path} has an empty axis (shape {volume.array.shape})")
-    if volume.array.dtype.kind not in "uifb":
-        raise ValueError(f"{volume.path} has unsupported pixel type {volume.array.dtype}")
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[-1] if text else type(error).__name__
+            if picture.mode in ("L", "F", "I") or picture.mode.startswith("I;16"):
+                array = np.asarray(picture)
+            else:  # palette, RGBA, CMYK, 1-bit, grey + alpha: as 8-bit RGB
+                array = np.asarray(picture.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as error:
+        raise _cannot_read(path, error) from error
+    array = array.astype(array.dtype.newbyteorder("="))  # 16-bit PNGs may come big-endian
+    if array.ndim == 3 and (array == array[..., :1]).all():
+        array = array[..., 0]  # a grey picture stored as RGB
+    return ImageVolume.from_picture(array, (1.0, 1.0), path)
 
 
 def write_label(label: np.ndarray, reference: ImageVolume, output_path: str | Path) -> Path:
-    """Write an integer label map in ``reference``'s exact grid; the format follows the file suffix."""
+    """Write an integer label map in ``reference``'s exact grid as uint8 (or uint16 above 255)."""
+    label = np.asarray(label)
+    _check_grid(label, reference, "Label")
+    if label.dtype.kind not in "biuf":
+        raise ValueError(f"Label pixel type {label.dtype} is not a number type")
+    if label.dtype.kind == "f" and not (np.isfinite(label).all() and (label == np.round(label)).all()):
+        raise ValueError("Label values must be whole numbers")
+    low, high = (label.min(), label.max()) if label.size else (0, 0)
+    if low < 0 or high > np.iinfo(np.uint16).max:
+        raise ValueError(f"Label values must lie in 0..65535, got {low}..{high}")
+    return write_image(label.astype(np.uint8 if high <= 255 else np.uint16), reference, output_path)
+
+
+def write_image(array: np.ndarray, reference: ImageVolume, output_path: str | Path) -> Path:
+    """Write a single-channel ``array`` in ``reference``'s grid: .nii.gz/.nii, .nrrd/.mha, or .png (2D only).
+
+    ``array`` has the reference's spatial shape: (I, J, K) for volumes, (H, W) for pictures.
+    """
     output_path = Path(output_path)
-    expected = reference.array.shape[:2] if reference.is_2d else reference.array.shape
-    if label.shape != expected:
-        raise ValueError(f"Label shape {label.shape} does not match the image shape {expected}")
-    dtype = np.uint8 if label.max(initial=0) < 256 else np.uint16
-    label = label.astype(dtype)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
+    _check_grid(array, reference, "Image")
     suffix = _suffix(output_path)
+    if suffix == ".png" and (not reference.is_2d or array.dtype not in (np.uint8, np.uint16)):
+        raise ValueError(f"PNG output holds 8- or 16-bit 2D pictures only; use .nii.gz for {output_path}")
+    if suffix not in (".png", ".nrrd", ".mha", *NIFTI_SUFFIXES):
+        raise ValueError(f"Unsupported output format {suffix!r} for {output_path}: use .nii.gz, .nii, .nrrd or .png")
+    output_path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".png":
-        if not reference.is_2d:
-            raise ValueError("PNG output is only for 2D images")
-        Image.fromarray(label).save(output_path)
-        return output_path
-    if suffix not in VOLUME_SUFFIXES:
-        raise ValueError(f"Unsupported output format {suffix!r}: use .nii.gz, .nii or .nrrd")
-    image = itk.image_from_array(np.ascontiguousarray(label.T))  # back to ITK's (k, j, i) numpy order
-    image.SetSpacing([float(s) for s in reference.spacing])
-    image.SetOrigin([float(o) for o in reference.origin])
-    image.SetDirection(itk.matrix_from_array(np.ascontiguousarray(reference.direction, dtype=np.float64)))
-    itk.imwrite(image, str(output_path), compression=True)
+        Image.fromarray(array).save(output_path)
+    elif suffix in NIFTI_SUFFIXES:
+        nib.save(_nifti_image(array, reference), output_path)
+    else:
+        itk.imwrite(_itk_image(array, reference), str(output_path), compression=True)
     return output_path
 
 
+def _check_grid(array: np.ndarray, reference: ImageVolume, what: str) -> None:
+    expected = reference.array.shape[:2] if reference.is_2d else reference.array.shape
+    if array.shape != expected:
+        raise ValueError(f"{what} shape {array.shape} does not match the image shape {expected}")
+
+
+def _nifti_image(array: np.ndarray, reference: ImageVolume) -> nib.Nifti1Image:
+    data = array.T if reference.is_2d else array  # pictures are rows x columns, NIfTI axis 0 runs along columns
+    header = reference.nifti_header
+    if header is not None:
+        header = header.copy()
+        header.set_data_dtype(array.dtype)
+        header.set_slope_inter(None, None)
+        header["cal_min"], header["cal_max"] = 0, 0
+        image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+        return image_class(data, None, header)  # no affine: the header's qform and sform stay as they were
+    affine = reference.affine_ras
+    if reference.is_2d:
+        affine = affine[:, [1, 0, 2, 3]]
+    image = nib.Nifti1Image(data, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm")
+    return image
+
+
+def _itk_image(array: np.ndarray, reference: ImageVolume) -> itk.Image:
+    if array.dtype.name not in _ITK_WRITE_DTYPES:
+        raise ValueError(f"Cannot write pixel type {array.dtype} with ITK; use one of {', '.join(_ITK_WRITE_DTYPES)}")
+    if reference.is_2d:
+        image = itk.image_from_array(np.ascontiguousarray(array))  # rows x columns is ITK's (j, i) order
+        image.SetSpacing([float(reference.spacing[1]), float(reference.spacing[0])])
+        return image
+    image = itk.image_from_array(np.ascontiguousarray(array.transpose(2, 1, 0)))
+    image.SetSpacing([float(s) for s in reference.spacing])
+    image.SetOrigin([float(o) for o in reference.origin])
+    image.SetDirection(itk.matrix_from_array(np.ascontiguousarray(reference.direction, dtype=np.float64)))
+    return image
+
+
 def output_path_for(input_path: str | Path, output_dir: str | Path, suffix: str = ".nii.gz", postfix: str = "") -> Path:
-    """``output_dir/<input name without extension><postfix><suffix>``; a DICOM folder uses its own name."""
-    path = Path(input_path)
-    name = path.name
-    for ext in (*VOLUME_SUFFIXES, *PICTURE_SUFFIXES, ".dcm"):
+    """``output_dir/<input name without its extension><postfix><suffix>``; a DICOM folder gives its own name."""
+    name = Path(input_path).name
+    for ext in (*NIFTI_SUFFIXES, *ITK_SUFFIXES, *PICTURE_SUFFIXES, DICOM_SUFFIX):
         if name.lower().endswith(ext):
             name = name[: -len(ext)]
             break

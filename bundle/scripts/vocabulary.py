@@ -261,4 +261,6 @@ def write_channel_def(metadata_path: str | Path, vocabulary: Vocabulary | None =
 if __name__ == "__main__":
     import sys
 
-    write_channel_def(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "configs" / "metadata.json")
+    write_channel_def(
+        sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "configs" / "metadata.json"
+    )
