@@ -20,7 +20,6 @@ if [ ! -f "$env_dir/.complete" ]; then
   rm -rf "$env_dir"
   mkdir -p "$cache"
   "$PYTHON" -m venv "$env_dir"
-  "$env_dir/bin/python" -m pip install --quiet --upgrade pip
   "$env_dir/bin/python" -m pip install --quiet -r requirements.txt
   "$env_dir/bin/python" -m pip check
   touch "$env_dir/.complete"

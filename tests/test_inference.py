@@ -160,3 +160,15 @@ def test_bad_files(tmp_path, phantoms) -> None:
     with pytest.raises(ValueError, match="DICOM folder .* is empty"):
         read_image(tmp_path / "empty_dicom")
     assert good.exists() and read_image(good).array.shape == SHAPE  # inputs are never modified
+
+
+@pytest.mark.parametrize("plane", ["coronal", "sagittal"])
+def test_other_planes_map_back_to_the_input_grid(phantoms, plane: str) -> None:
+    predictor = Medsam3Predictor(tiny_model(seed=2), batch_size=6, score_threshold=0.0)
+    volume = read_image(phantoms["PSR"][0])
+    result = VolumeSegmenter(predictor, load_vocabulary(), plane=plane).segment(
+        volume, PromptSet.create(texts=["liver"])
+    )
+    assert result.label.shape == volume.array.shape
+    axial = VolumeSegmenter(predictor, load_vocabulary()).segment(volume, PromptSet.create(texts=["liver"]))
+    assert not np.array_equal(result.label, axial.label)  # the model saw other slices

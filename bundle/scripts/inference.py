@@ -58,6 +58,11 @@ class VolumeSegmenter:
         self.plane = plane
         self.modality = modality
 
+    @property
+    def free_index(self) -> int:
+        """The first label value after the vocabulary: free-text prompts and unnamed objects are numbered from it."""
+        return max(self.vocabulary.by_index, default=0) + 1
+
     def resolve(self, prompts: PromptSet) -> list[ResolvedPrompt]:
         return [self.vocabulary.resolve(text) for text in prompts.texts]
 
@@ -90,10 +95,15 @@ class VolumeSegmenter:
             result = self._geometric(encoding, view, prompts, initial, image.is_2d)
             results.append(result)
             rows.append(
-                self._row(entry, result, "clicks" if len(prompts.points) else "boxes", value=self._value(entry, 1))
+                self._row(
+                    entry,
+                    result,
+                    "clicks" if len(prompts.points) else "boxes",
+                    value=self._value(entry, self.free_index),
+                )
             )
         else:
-            next_free = max(self.vocabulary.by_index, default=0) + 1
+            next_free = self.free_index
             for entry in resolved:
                 encoding = encoding_for(entry)
                 # The first synonym is the canonical prompt; the rest serve fine-tuning and disagreement scoring.
