@@ -248,8 +248,11 @@ def _read_picture(path: Path) -> ImageVolume:
     return ImageVolume.from_picture(array, (1.0, 1.0), path)
 
 
-def write_label(label: np.ndarray, reference: ImageVolume, output_path: str | Path) -> Path:
-    """Write an integer label map in ``reference``'s exact grid as uint8 (or uint16 above 255)."""
+LABEL_DTYPES = ("uint8", "uint16", "int16", "int32", "uint32", "float32")
+
+
+def write_label(label: np.ndarray, reference: ImageVolume, output_path: str | Path, dtype: str | None = None) -> Path:
+    """Write an integer label map in ``reference``'s exact grid as ``dtype`` (default uint8, or uint16 above 255)."""
     label = np.asarray(label)
     _check_grid(label, reference, "Label")
     if label.dtype.kind not in "biuf":
@@ -259,7 +262,13 @@ def write_label(label: np.ndarray, reference: ImageVolume, output_path: str | Pa
     low, high = (label.min(), label.max()) if label.size else (0, 0)
     if low < 0 or high > np.iinfo(np.uint16).max:
         raise ValueError(f"Label values must lie in 0..65535, got {low}..{high}")
-    return write_image(label.astype(np.uint8 if high <= 255 else np.uint16), reference, output_path)
+    if dtype is None:
+        dtype = "uint8" if high <= 255 else "uint16"
+    if dtype not in LABEL_DTYPES:
+        raise ValueError(f"Unsupported label dtype {dtype!r}; use one of {', '.join(LABEL_DTYPES)}")
+    if np.dtype(dtype).kind in "iu" and high > np.iinfo(dtype).max:
+        raise ValueError(f"Label value {high} does not fit {dtype}")
+    return write_image(label.astype(dtype), reference, output_path)
 
 
 def write_image(array: np.ndarray, reference: ImageVolume, output_path: str | Path) -> Path:

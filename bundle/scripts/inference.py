@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .encoding_cache import EncodingCache, image_key
 from .image_io import ImageVolume
 from .intensity import apply_preset, guess_modality
 from .orientation import SliceView
@@ -50,6 +51,7 @@ class VolumeSegmenter:
         vocabulary: Vocabulary,
         plane: str = "axial",
         modality: str = "auto",
+        cache: EncodingCache | None = None,
     ) -> None:
         if modality not in ("auto", "CT", "MR"):
             raise ValueError(f"modality must be 'auto', 'CT' or 'MR', got {modality!r}")
@@ -57,6 +59,7 @@ class VolumeSegmenter:
         self.vocabulary = vocabulary
         self.plane = plane
         self.modality = modality
+        self.cache = cache  # reuse encodings across calls (the MONAI Label server); None: per call only
 
     @property
     def free_index(self) -> int:
@@ -78,11 +81,16 @@ class VolumeSegmenter:
 
         def encoding_for(entry: ResolvedPrompt | None) -> VolumeEncoding:
             preset = self._preset(image, entry, modality)
-            key = repr(sorted(preset.items()))
+            key = image_key(image.path, view.plane, repr(sorted(preset.items())), image.array.shape)
             if key not in encodings:
-                with timer.stage("preprocess"):
-                    slices = self._slices(image, view, preset)
-                encodings[key] = self.predictor.encode(slices)
+                cached = self.cache.get(key) if self.cache is not None else None
+                if cached is None:
+                    with timer.stage("preprocess"):
+                        slices = self._slices(image, view, preset)
+                    cached = self.predictor.encode(slices)
+                    if self.cache is not None:
+                        self.cache.put(key, cached)
+                encodings[key] = cached
             return encodings[key]
 
         results: list[PromptResult] = []

@@ -1,0 +1,1 @@
+"""Infer tasks: automatic (text), interactive (Slicer clicks) and OHIF's vista3d-style prompts."""

@@ -1,0 +1,115 @@
+"""One loaded model shared by every infer task: weights, predictor, encoding cache and a lock around the GPU."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scripts.checkpoint import file_if_present, load_network
+from scripts.encoding_cache import EncodingCache
+from scripts.image_io import ImageVolume, read_image, write_label
+from scripts.inference import SegmentationResult, VolumeSegmenter
+from scripts.model_builder import build_medsam3
+from scripts.predictor import Medsam3Predictor
+from scripts.prompts import PromptSet
+from scripts.vocabulary import Vocabulary, load_vocabulary
+
+from .settings import AppSettings
+
+logger = logging.getLogger(__name__)
+
+RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
+
+
+class ModelNotReady(RuntimeError):
+    """The model cannot serve requests; the message says why and what to do."""
+
+
+class ModelService:
+    """Loads the model once (at start-up when its weights are present) and serialises inference on it."""
+
+    def __init__(self, settings: AppSettings) -> None:
+        self.settings = settings
+        self.vocabulary: Vocabulary = load_vocabulary(settings.vocabulary)
+        self.cache = EncodingCache(settings.cache_mb * 2**20)
+        self._segmenter: VolumeSegmenter | None = None
+        self._error: str | None = settings.missing_weights()
+        self._lock = threading.Lock()
+        if self._error is None:
+            self._load()
+        else:
+            logger.error("Medical SAM3 is not ready: %s", self._error)
+
+    def _load(self) -> None:
+        settings = self.settings
+        try:
+            network = build_medsam3(settings.model_size, device=settings.device)
+            tracker = "" if settings.random_weights else file_if_present(settings.tracker_checkpoint)
+            network = load_network(network, settings.checkpoint, tracker)
+        except (ValueError, OSError) as error:
+            self._error = f"cannot load the model: {error}"
+            logger.error("Medical SAM3 is not ready: %s", self._error)
+            return
+        predictor = Medsam3Predictor(
+            network,
+            batch_size=settings.batch_size,
+            score_threshold=settings.score_threshold,
+            max_empty_slices=settings.max_empty_slices,
+        )
+        self._segmenter = VolumeSegmenter(predictor, self.vocabulary, plane=settings.plane, cache=self.cache)
+
+    @property
+    def ready(self) -> bool:
+        return self._segmenter is not None
+
+    @property
+    def status(self) -> str:
+        return "ready" if self.ready else f"not ready: {self._error}"
+
+    @property
+    def interactive(self) -> bool:
+        return self.ready and bool(getattr(self._segmenter.predictor.model, "interactive", True))
+
+    def label_names(self, names: list[str] | None = None) -> dict[str, int]:
+        """``{name: index}`` of the vocabulary labels offered (``names`` or all), as Slicer and OHIF expect."""
+        if not names:
+            return {e.name: e.index for e in self.vocabulary}
+        return {(r := self.vocabulary.resolve(n)).name: r.index for n in names if self.vocabulary.resolve(n).known}
+
+    def segment(self, image_path: str, prompts: PromptSet) -> tuple[ImageVolume, SegmentationResult, dict[str, Any]]:
+        """Segment a datastore image; returns the image, the result and a summary with per-stage timings."""
+        if not self.ready:
+            raise ModelNotReady(f"Medical SAM3 is {self.status}")
+        start = time.perf_counter()
+        volume = read_image(image_path)
+        read_s = time.perf_counter() - start
+        with self._lock:  # one request at a time on the model; the encoding cache is shared
+            hits = self.cache.hits
+            result = self._segmenter.segment(volume, prompts)
+            cache_hit = self.cache.hits > hits
+        timings = {"io_read": round(read_s, 4), **result.timings}
+        return (
+            volume,
+            result,
+            {**result.summary(), "timings": timings, "encoding_cache": "hit" if cache_hit else "miss"},
+        )
+
+
+def write_result(label: np.ndarray, volume: ImageVolume, extension: str, dtype: str | None) -> str:
+    """Write a result label map to a temporary file the server sends back (and then deletes)."""
+    if extension not in RESULT_EXTENSIONS:
+        raise ValueError(f"result_extension must be one of {', '.join(RESULT_EXTENSIONS)}, got {extension!r}")
+    # A folder of our own: a client on the same machine saves its copy under the same name in the temp folder,
+    # and the server deletes its file once sent.
+    folder = Path(tempfile.gettempdir()) / "medsam3_results"
+    folder.mkdir(exist_ok=True)
+    with tempfile.NamedTemporaryFile(suffix=extension, dir=folder, delete=False) as handle:
+        path = handle.name
+    write_label(label, volume, path, dtype=dtype or None)
+    return path

@@ -1,0 +1,58 @@
+"""Medical SAM3 MONAI Label app: text- and click-prompted segmentation for 3D Slicer and OHIF.
+
+    monailabel start_server --app monailabel_app --studies <folder> --conf model_size tiny --conf checkpoint random
+
+Options (``--conf key value``) are listed in :class:`lib.settings.AppSettings`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from lib.errors import install_error_handlers
+from lib.infers.auto_segmentation import AutoSegmentation
+from lib.infers.interactive import InteractiveSegmentation
+from lib.infers.vista3d_prompts import Vista3dPrompts
+from lib.model_service import ModelService
+from lib.settings import AppSettings
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+
+logger = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+class Medsam3App(MONAILabelApp):
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        self.settings = AppSettings.from_conf(conf)
+        self.service = ModelService(self.settings)
+        labels = [s.strip() for s in self.settings.labels.split(",") if s.strip()]
+        self.label_names = self.service.label_names(labels)
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="Medical SAM3",
+            description="Promptable segmentation by text and clicks (Medical SAM3)",
+            version=VERSION,
+            labels=self.label_names,
+        )
+
+    def init_infers(self) -> dict[str, Any]:
+        return {
+            "medsam3_auto": AutoSegmentation(self.service, self.label_names),
+            "medsam3_clicks": InteractiveSegmentation(self.service, self.label_names),
+            "medsam3_vista3d": Vista3dPrompts(self.service, self.label_names),
+        }
+
+    def init_strategies(self) -> dict[str, Strategy]:
+        return {"random": Random(), "first": First()}
+
+    def on_init_complete(self) -> None:
+        install_error_handlers()
+        super().on_init_complete()
+        logger.info("Medical SAM3 (%s, %s): %s", self.settings.model_size, self.settings.device, self.service.status)

@@ -1,0 +1,212 @@
+"""The MONAI Label app end to end: a real server on 127.0.0.1, driven with the client the Slicer plugin uses."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
+
+from scripts.image_io import read_image
+from scripts.phantom import write_phantom
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPE = (40, 36, 12)
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _studies(root: Path) -> Path:
+    studies = root / "studies"
+    for name, code in (("ct_ras", "RAS"), ("ct_lps", "LPS"), ("ct_psr", "PSR")):
+        image, label = write_phantom(
+            root / "phantoms", name, orientation=code, shape=SHAPE, seed=len(name) + ord(code[0])
+        )
+        studies.mkdir(exist_ok=True)
+        (studies / image.name).write_bytes(image.read_bytes())
+    return studies
+
+
+@pytest.fixture(scope="module")
+def phantom_labels(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("server")
+
+
+def _start(root: Path, *conf: str) -> Iterator[tuple[str, Path]]:
+    studies = _studies(root)
+    port = _free_port()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    args = ["start_server", "--app", str(REPO / "monailabel_app"), "--studies", str(studies)]
+    args += ["--host", "127.0.0.1", "--port", str(port), *conf]
+    log = (root / "server.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "monailabel.main", *args], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited: {(root / 'server.log').read_text()[-3000:]}")
+            try:
+                if requests.get(f"{url}/info/", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(1)
+        else:
+            raise RuntimeError("server did not start in time")
+        yield url, studies
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    yield from _start(
+        tmp_path_factory.mktemp("server"), "--conf", "model_size", "tiny", "--conf", "checkpoint", "random"
+    )
+
+
+@pytest.fixture(scope="module")
+def client(server) -> MONAILabelClient:
+    return MONAILabelClient(server[0])
+
+
+# Slicer plugin payloads: the model's config defaults plus these keys.
+SLICER_AUTO = {"text": "", "labels": "", "result_extension": ".nrrd", "result_dtype": "uint8", "client_id": "user-xyz"}
+
+
+def _assert_same_grid(result_file: str, image: Path) -> np.ndarray:
+    out, ref = read_image(result_file), read_image(image)
+    assert out.array.shape == ref.array.shape
+    np.testing.assert_allclose(out.direction, ref.direction, atol=1e-5)
+    np.testing.assert_allclose(out.origin, ref.origin, atol=1e-3)
+    np.testing.assert_allclose(out.spacing, ref.spacing, atol=1e-5)
+    return out.array
+
+
+def test_info_lists_ready_models(client) -> None:
+    info = client.info()
+    models = info["models"]
+    assert {k: v["type"] for k, v in models.items()} == {
+        "medsam3_auto": "segmentation",
+        "medsam3_clicks": "deepgrow",
+        "medsam3_vista3d": "vista3d",
+    }
+    assert all(m["ready"] for m in models.values())
+    assert info["labels"]["liver"] == 1 and set(info["strategies"]) == {"random", "first"}
+    assert models["medsam3_clicks"]["config"] == {"text": ""}
+
+
+def test_slicer_auto_segmentation(client, server) -> None:
+    params = {**SLICER_AUTO, "labels": "liver, spleen"}
+    result_file, result = client.infer("medsam3_auto", "ct_lps", params)
+    label = _assert_same_grid(result_file, server[1] / "ct_lps.nii.gz")
+    assert set(np.unique(label)) <= {0, 1, 2} and result_file.endswith(".nrrd")
+    assert result["label_names"] == {"liver": 1, "spleen": 2}
+    assert {"io_read", "image_encoder", "heads", "server_total"} <= set(result["timings"])
+
+
+def test_slicer_clicks_reuse_the_encoding(client, server) -> None:
+    studies = server[1]
+    liver = np.argwhere(read_image(studies.parent / "phantoms" / "ct_psr_label.nii.gz").array == 1)
+    inside, outside = liver[len(liver) // 2].tolist(), [0, 0, 0]
+    params = {"text": "", "label": "liver", "foreground": [inside], "background": [], "result_extension": ".nrrd"}
+    params["result_dtype"] = "uint8"
+    first_file, first = client.infer("medsam3_clicks", "ct_psr", params)
+    label = _assert_same_grid(first_file, studies / "ct_psr.nii.gz")
+    assert set(np.unique(label)) <= {0, 1}  # a single-label mask for the segment
+    params["background"] = [outside]
+    _, second = client.infer("medsam3_clicks", "ct_psr", params)
+    assert second["encoding_cache"] == "hit" and "image_encoder" not in second["timings"]
+    assert second["labels"][0]["source"] == "clicks"
+
+
+def test_ohif_vista3d_payload(client, server) -> None:
+    params = {"label_prompt": [1], "points": [[10, 12, 5]], "point_labels": [1], "result_extension": ".nrrd"}
+    result_file, result = client.infer("medsam3_vista3d", "ct_ras", params)
+    _assert_same_grid(result_file, server[1] / "ct_ras.nii.gz")
+    assert result["label_names"] == {"liver": 1}
+    _, result = client.infer("medsam3_vista3d", "ct_ras", {"label_prompt": [1, 4], "result_extension": ".nrrd"})
+    assert result["label_names"] == {"liver": 1, "left kidney": 4}
+
+
+def test_save_label_and_next_sample(client, server, tmp_path) -> None:
+    result_file, _ = client.infer("medsam3_auto", "ct_ras", {**SLICER_AUTO, "labels": "liver"})
+    client.save_label("ct_ras", result_file, params={"label_info": [{"name": "liver", "idx": 1}]})
+    assert (server[1] / "labels" / "final" / "ct_ras.nrrd").exists() or list(
+        (server[1] / "labels" / "final").glob("ct_ras*")
+    )
+    first = client.next_sample("first", {})
+    assert first["id"] in {"ct_lps", "ct_psr"}  # the labelled image is not offered again
+    assert client.next_sample("random", {})["id"] in {"ct_lps", "ct_psr"}
+
+
+@pytest.mark.parametrize(
+    ("model", "image", "params", "status", "message"),
+    [
+        ("nope", "ct_ras", {}, 400, "no model .+nope.+ available"),
+        ("medsam3_auto", "no_such_image", {}, 404, "Image not found in the datastore"),
+        ("medsam3_clicks", "ct_ras", {"foreground": [[40, 0, 0]]}, 400, r"Point \[40, 0, 0\] is outside the image"),
+        ("medsam3_clicks", "ct_ras", {"foreground": "[[1, 2"}, 400, "foreground is not a valid JSON list"),
+        ("medsam3_clicks", "ct_ras", {"label": "Segment_1"}, 400, "No clicks"),
+        ("medsam3_vista3d", "ct_ras", {"label_prompt": []}, 400, "label_prompt is empty"),
+        ("medsam3_auto", "ct_ras", {"label_prompt": [999]}, 400, "Label index 999 is not in the vocabulary"),
+        ("medsam3_auto", "ct_ras", {"result_extension": ".exe"}, 400, "result_extension must be one of"),
+    ],
+)
+def test_bad_requests_get_4xx(client, server, model, image, params, status, message) -> None:
+    import re
+
+    with pytest.raises(MONAILabelClientException) as raised:
+        client.infer(model, image, params)
+    assert f"Status: {status}" in str(raised.value) and re.search(message, str(raised.value)), str(raised.value)
+    assert requests.get(f"{server[0]}/info/", timeout=10).status_code == 200  # still serving
+
+
+def test_malformed_params_and_corrupt_upload(server, tmp_path) -> None:
+    url = server[0]
+    response = requests.post(f"{url}/infer/medsam3_auto?image=ct_ras", data={"params": "{not json"}, timeout=60)
+    assert response.status_code == 400 and "params is not valid JSON" in response.json()["detail"]
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(b"\x1f\x8b" + os.urandom(500))
+    with corrupt.open("rb") as handle:
+        response = requests.post(
+            f"{url}/infer/medsam3_auto", data={"params": "{}"}, files={"file": ("corrupt.nii.gz", handle)}, timeout=60
+        )
+    assert response.status_code == 400 and "Cannot read image" in response.json()["detail"]
+    assert requests.get(f"{url}/info/", timeout=10).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def unready_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    yield from _start(
+        tmp_path_factory.mktemp("unready"), "--conf", "model_size", "tiny", "--conf", "checkpoint", "/nowhere/model.pt"
+    )
+
+
+def test_server_without_weights_says_why(unready_server) -> None:
+    client = MONAILabelClient(unready_server[0])
+    models = client.info()["models"]
+    assert not any(m["ready"] for m in models.values())
+    assert "weights not found at /nowhere/model.pt" in models["medsam3_auto"]["status"]
+    with pytest.raises(MONAILabelClientException) as raised:
+        client.infer("medsam3_auto", "ct_ras", {})
+    assert "Status: 503" in str(raised.value) and "weights not found" in str(raised.value)
