@@ -31,7 +31,7 @@ class Medsam3App(MONAILabelApp):
         self.settings = AppSettings.from_conf(conf)
         self.service = ModelService(self.settings)
         labels = [s.strip() for s in self.settings.labels.split(",") if s.strip()]
-        self.label_names = self.service.label_names(labels)
+        self.label_names = self.service.offered_labels(labels)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -39,7 +39,7 @@ class Medsam3App(MONAILabelApp):
             name="Medical SAM3",
             description="Promptable segmentation by text and clicks (Medical SAM3)",
             version=VERSION,
-            labels=self.label_names,
+            labels=list(self.label_names),  # OHIF expects a list here; the tasks carry {name: value}
         )
 
     def init_infers(self) -> dict[str, Any]:

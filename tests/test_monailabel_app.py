@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -111,7 +111,8 @@ def test_info_lists_ready_models(client) -> None:
         "medsam3_vista3d": "vista3d",
     }
     assert all(m["ready"] for m in models.values())
-    assert info["labels"]["liver"] == 1 and set(info["strategies"]) == {"random", "first"}
+    assert info["labels"][:2] == ["liver", "spleen"] and set(info["strategies"]) == {"random", "first"}
+    assert models["medsam3_vista3d"]["labels"]["liver"] == 1 and "background" not in models["medsam3_auto"]["labels"]
     assert models["medsam3_clicks"]["config"] == {"text": ""}
 
 
@@ -120,7 +121,7 @@ def test_slicer_auto_segmentation(client, server) -> None:
     result_file, result = client.infer("medsam3_auto", "ct_lps", params)
     label = _assert_same_grid(result_file, server[1] / "ct_lps.nii.gz")
     assert set(np.unique(label)) <= {0, 1, 2} and result_file.endswith(".nrrd")
-    assert result["label_names"] == {"liver": 1, "spleen": 2}
+    assert list(result["label_names"].items())[:2] == [("liver", 1), ("spleen", 2)]  # values 1..N, as Slicer reads them
     assert {"io_read", "image_encoder", "heads", "server_total"} <= set(result["timings"])
 
 
@@ -140,12 +141,15 @@ def test_slicer_clicks_reuse_the_encoding(client, server) -> None:
 
 
 def test_ohif_vista3d_payload(client, server) -> None:
-    params = {"label_prompt": [1], "points": [[10, 12, 5]], "point_labels": [1], "result_extension": ".nrrd"}
+    # OHIF's exact keys: raw (uncompressed) uint8 NRRD, label values = the model's label indices.
+    ohif = {"result_extension": ".nrrd", "result_dtype": "uint8", "result_compress": False, "restore_label_idx": False}
+    params = {**ohif, "label_prompt": [4], "points": [[10, 12, 5], [2, 2, 5]], "point_labels": [1, 0]}
     result_file, result = client.infer("medsam3_vista3d", "ct_ras", params)
-    _assert_same_grid(result_file, server[1] / "ct_ras.nii.gz")
-    assert result["label_names"] == {"liver": 1}
-    _, result = client.infer("medsam3_vista3d", "ct_ras", {"label_prompt": [1, 4], "result_extension": ".nrrd"})
-    assert result["label_names"] == {"liver": 1, "left kidney": 4}
+    label = _assert_same_grid(result_file, server[1] / "ct_ras.nii.gz")
+    assert set(np.unique(label)) <= {0, 4} and result["labels"][0]["source"] == "clicks"
+    assert b"encoding: raw" in Path(result_file).read_bytes()[:400]
+    _, result = client.infer("medsam3_vista3d", "ct_ras", {**ohif, "label_prompt": [1, 4]})
+    assert [row["name"] for row in result["labels"]] == ["liver", "left kidney"]
 
 
 def test_save_label_and_next_sample(client, server, tmp_path) -> None:
@@ -162,22 +166,22 @@ def test_save_label_and_next_sample(client, server, tmp_path) -> None:
 @pytest.mark.parametrize(
     ("model", "image", "params", "status", "message"),
     [
-        ("nope", "ct_ras", {}, 400, "no model .+nope.+ available"),
+        ("nope", "ct_ras", {}, 400, "There is no model 'nope' available"),
         ("medsam3_auto", "no_such_image", {}, 404, "Image not found in the datastore"),
         ("medsam3_clicks", "ct_ras", {"foreground": [[40, 0, 0]]}, 400, r"Point \[40, 0, 0\] is outside the image"),
         ("medsam3_clicks", "ct_ras", {"foreground": "[[1, 2"}, 400, "foreground is not a valid JSON list"),
         ("medsam3_clicks", "ct_ras", {"label": "Segment_1"}, 400, "No clicks"),
         ("medsam3_vista3d", "ct_ras", {"label_prompt": []}, 400, "label_prompt is empty"),
-        ("medsam3_auto", "ct_ras", {"label_prompt": [999]}, 400, "Label index 999 is not in the vocabulary"),
+        ("medsam3_auto", "ct_ras", {"label_prompt": [999]}, 400, "Label index 999 is not one of this model's labels"),
+        ("medsam3_clicks", "ct_ras", {"foreground": [[5, 5, 5]], "roi": [1, 2, 3]}, 400, "roi must have 6 numbers"),
         ("medsam3_auto", "ct_ras", {"result_extension": ".exe"}, 400, "result_extension must be one of"),
     ],
 )
 def test_bad_requests_get_4xx(client, server, model, image, params, status, message) -> None:
-    import re
-
     with pytest.raises(MONAILabelClientException) as raised:
         client.infer(model, image, params)
-    assert f"Status: {status}" in str(raised.value) and re.search(message, str(raised.value)), str(raised.value)
+    detail = raised.value.args[-1]  # "Status: <code>; Response: <body>"
+    assert detail.startswith(f"Status: {status};") and re.search(message, detail), detail
     assert requests.get(f"{server[0]}/info/", timeout=10).status_code == 200  # still serving
 
 
@@ -209,4 +213,4 @@ def test_server_without_weights_says_why(unready_server) -> None:
     assert "weights not found at /nowhere/model.pt" in models["medsam3_auto"]["status"]
     with pytest.raises(MONAILabelClientException) as raised:
         client.infer("medsam3_auto", "ct_ras", {})
-    assert "Status: 503" in str(raised.value) and "weights not found" in str(raised.value)
+    assert raised.value.args[-1].startswith("Status: 503;") and "weights not found" in raised.value.args[-1]

@@ -68,7 +68,9 @@ class EncodingCache:
         size = encoding.nbytes()
         with self._lock:
             if size > self.max_bytes:
-                logger.info("Encoding of %.1f MB exceeds the cache (%.1f MB): not cached", size / 1e6, self.max_bytes / 1e6)
+                logger.info(
+                    "Encoding of %.1f MB exceeds the cache (%.1f MB): not cached", size / 1e6, self.max_bytes / 1e6
+                )
                 return
             self._items[key] = encoding
             self._items.move_to_end(key)

@@ -251,8 +251,13 @@ def _read_picture(path: Path) -> ImageVolume:
 LABEL_DTYPES = ("uint8", "uint16", "int16", "int32", "uint32", "float32")
 
 
-def write_label(label: np.ndarray, reference: ImageVolume, output_path: str | Path, dtype: str | None = None) -> Path:
-    """Write an integer label map in ``reference``'s exact grid as ``dtype`` (default uint8, or uint16 above 255)."""
+def write_label(
+    label: np.ndarray, reference: ImageVolume, output_path: str | Path, dtype: str | None = None, compress: bool = True
+) -> Path:
+    """Write an integer label map in ``reference``'s exact grid as ``dtype`` (default uint8, or uint16 above 255).
+
+    ``compress=False`` writes raw NRRD data, for clients that read the bytes without decoding (OHIF).
+    """
     label = np.asarray(label)
     _check_grid(label, reference, "Label")
     if label.dtype.kind not in "biuf":
@@ -268,10 +273,10 @@ def write_label(label: np.ndarray, reference: ImageVolume, output_path: str | Pa
         raise ValueError(f"Unsupported label dtype {dtype!r}; use one of {', '.join(LABEL_DTYPES)}")
     if np.dtype(dtype).kind in "iu" and high > np.iinfo(dtype).max:
         raise ValueError(f"Label value {high} does not fit {dtype}")
-    return write_image(label.astype(dtype), reference, output_path)
+    return write_image(label.astype(dtype), reference, output_path, compress=compress)
 
 
-def write_image(array: np.ndarray, reference: ImageVolume, output_path: str | Path) -> Path:
+def write_image(array: np.ndarray, reference: ImageVolume, output_path: str | Path, compress: bool = True) -> Path:
     """Write a single-channel ``array`` in ``reference``'s grid: .nii.gz/.nii, .nrrd/.mha, or .png (2D only).
 
     ``array`` has the reference's spatial shape: (I, J, K) for volumes, (H, W) for pictures.
@@ -289,7 +294,7 @@ def write_image(array: np.ndarray, reference: ImageVolume, output_path: str | Pa
     elif suffix in NIFTI_SUFFIXES:
         nib.save(_nifti_image(array, reference), output_path)
     else:
-        itk.imwrite(_itk_image(array, reference), str(output_path), compression=True)
+        itk.imwrite(_itk_image(array, reference), str(output_path), compression=compress)
     return output_path
 
 

@@ -76,11 +76,17 @@ class ModelService:
     def interactive(self) -> bool:
         return self.ready and bool(getattr(self._segmenter.predictor.model, "interactive", True))
 
-    def label_names(self, names: list[str] | None = None) -> dict[str, int]:
-        """``{name: index}`` of the vocabulary labels offered (``names`` or all), as Slicer and OHIF expect."""
-        if not names:
-            return {e.name: e.index for e in self.vocabulary}
-        return {(r := self.vocabulary.resolve(n)).name: r.index for n in names if self.vocabulary.resolve(n).known}
+    def offered_labels(self, names: list[str] | None = None) -> dict[str, int]:
+        """``{name: value}`` of the labels the tasks offer (``names`` or the whole vocabulary), numbered 1..N.
+
+        Slicer maps voxel value v to the v-th name and OHIF to the model's label index, so values are
+        contiguous from 1 whatever the vocabulary indices are; unknown names are refused at start-up.
+        """
+        entries = [self.vocabulary.resolve(n) for n in names] if names else list(self.vocabulary)
+        unknown = [e.name for e in entries if not getattr(e, "known", True)]
+        if unknown:
+            raise ValueError(f"--conf labels names labels that are not in the vocabulary: {unknown}")
+        return {name: value for value, name in enumerate(dict.fromkeys(e.name for e in entries), start=1)}
 
     def segment(self, image_path: str, prompts: PromptSet) -> tuple[ImageVolume, SegmentationResult, dict[str, Any]]:
         """Segment a datastore image; returns the image, the result and a summary with per-stage timings."""
@@ -101,7 +107,7 @@ class ModelService:
         )
 
 
-def write_result(label: np.ndarray, volume: ImageVolume, extension: str, dtype: str | None) -> str:
+def write_result(label: np.ndarray, volume: ImageVolume, extension: str, dtype: str | None, compress: bool) -> str:
     """Write a result label map to a temporary file the server sends back (and then deletes)."""
     if extension not in RESULT_EXTENSIONS:
         raise ValueError(f"result_extension must be one of {', '.join(RESULT_EXTENSIONS)}, got {extension!r}")
@@ -111,5 +117,5 @@ def write_result(label: np.ndarray, volume: ImageVolume, extension: str, dtype: 
     folder.mkdir(exist_ok=True)
     with tempfile.NamedTemporaryFile(suffix=extension, dir=folder, delete=False) as handle:
         path = handle.name
-    write_label(label, volume, path, dtype=dtype or None)
+    write_label(label, volume, path, dtype=dtype or None, compress=compress)
     return path

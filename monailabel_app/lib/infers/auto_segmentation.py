@@ -29,6 +29,6 @@ class AutoSegmentation(Medsam3InferTask):
         indices = as_list(request.get("label_prompt"), "label_prompt")
         if "label_prompt" in request and not indices:
             raise ValueError("label_prompt is empty: give label indices, or leave it out to segment every label")
-        texts = [str(i) for i in indices] + [str(n) for n in as_list(request.get("labels"), "labels")]
+        texts = self.names_for(indices) + [str(n) for n in as_list(request.get("labels"), "labels")]
         texts += free_text(request)
         return PromptSet.create(texts=list(dict.fromkeys(texts)) or list(self.labels))

@@ -1,18 +1,17 @@
-"""What every Medical SAM3 infer task shares: readiness in /info, error mapping, writing the result."""
+"""What every Medical SAM3 infer task shares: readiness in /info, error mapping, label numbering, the result file."""
 
 from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from abc import abstractmethod
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
-from scripts.image_io import ImageVolume
 from scripts.inference import SegmentationResult
 from scripts.prompts import PromptSet
 
@@ -24,10 +23,13 @@ logger = logging.getLogger(__name__)
 class Medsam3InferTask(InferTask):
     """Turns a client's request into a :class:`PromptSet`, runs the shared model and answers in the client's format.
 
-    Bad requests become HTTP 400 with the reason; a model without weights answers 503 with what to do.
+    Result voxels carry the task's label values (``labels``: name -> 1..N, as Slicer and OHIF read them); free
+    text gets the next values. Bad requests become HTTP 400 with the reason, a model without weights 503.
     """
 
-    def __init__(self, service: ModelService, type: str, labels: Any, description: str, config: dict[str, Any]) -> None:
+    def __init__(
+        self, service: ModelService, type: str, labels: dict[str, int], description: str, config: dict[str, Any]
+    ) -> None:
         super().__init__(type=type, labels=labels, dimension=3, description=description, config=config)
         self.service = service
 
@@ -44,9 +46,24 @@ class Medsam3InferTask(InferTask):
     def prompts(self, request: dict[str, Any]) -> PromptSet:
         """The request's prompts, in the original image's voxel indices."""
 
-    def output(self, result: SegmentationResult) -> np.ndarray:
-        """The label map to send back (the multi-label map by default)."""
-        return result.label
+    def names_for(self, indices: list) -> list[str]:
+        """The task's label names for label values sent by a client (OHIF's ``label_prompt``)."""
+        by_value = {value: name for name, value in self.labels.items()}
+        names = []
+        for index in indices:
+            if isinstance(index, bool) or not isinstance(index, (int, str)) or int(index) not in by_value:
+                raise ValueError(f"Label index {index!r} is not one of this model's labels (1..{len(by_value)})")
+            names.append(by_value[int(index)])
+        return names
+
+    def output(self, result: SegmentationResult, request: dict[str, Any]) -> tuple[np.ndarray, dict[str, int]]:
+        """The label map to send back and its ``{name: value}``, renumbered to the task's label values."""
+        names = dict(self.labels)
+        label = np.zeros(result.label.shape, dtype=np.uint16)
+        for row in result.labels:
+            value = names.setdefault(row["name"], max(names.values(), default=0) + 1)
+            label[result.label == row["index"]] = value
+        return label, names
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         start = time.perf_counter()
@@ -56,22 +73,16 @@ class Medsam3InferTask(InferTask):
         try:
             prompts = self.prompts(request)
             volume, result, summary = self.service.segment(image, prompts)
-            path = self._write(self.output(result), volume, request)
+            label, label_names = self.output(result, request)
+            compress = str(request.get("result_compress", True)).lower() not in ("false", "0")
+            path = write_result(
+                label, volume, request.get("result_extension") or ".nii.gz", request.get("result_dtype"), compress
+            )
         except ModelNotReady as error:
             raise HTTPException(status_code=503, detail=str(error)) from error
-        except (ValueError, FileNotFoundError, KeyError) as error:
+        except (ValueError, FileNotFoundError) as error:
             logger.warning("Rejected %s request: %s", self.type, error)
-            raise HTTPException(status_code=400, detail=_message(error)) from error
+            raise HTTPException(status_code=400, detail=str(error)) from error
         summary["timings"]["server_total"] = round(time.perf_counter() - start, 4)
-        summary["label_names"] = {row["name"]: row["index"] for row in result.labels}
+        summary["label_names"] = label_names
         return path, summary
-
-    def _write(self, label: np.ndarray, volume: ImageVolume, request: dict[str, Any]) -> str:
-        extension = request.get("result_extension") or ".nii.gz"
-        return write_result(label, volume, extension, request.get("result_dtype"))
-
-
-def _message(error: Exception) -> str:
-    if isinstance(error, KeyError):
-        return f"Missing request field {error}"
-    return str(error)

@@ -44,5 +44,24 @@ class InteractiveSegmentation(Medsam3InferTask):
         labels = [1] * len(foreground) + [0] * len(background)
         return PromptSet.create(texts=texts, points=points or None, point_labels=labels or None)
 
-    def output(self, result: SegmentationResult) -> np.ndarray:
-        return (result.label > 0).astype(np.uint8)
+    def output(self, result: SegmentationResult, request: dict[str, Any]) -> tuple[np.ndarray, dict[str, int]]:
+        """A 0/1 mask (Slicer puts voxels equal to 1 in the current segment), cut to the ``roi`` box if given."""
+        mask = (result.label > 0).astype(np.uint8)
+        if request.get("roi"):
+            mask *= roi_mask(as_list(request["roi"], "roi"), mask.shape)
+        return mask, {str(request.get("label") or "object"): 1}
+
+
+def roi_mask(roi: list, shape: tuple[int, ...]) -> np.ndarray:
+    """Slicer's ROI ``[i_a, i_b, j_a, j_b, k_a, k_b]`` (each pair in either order) as a mask of ``shape``."""
+    if len(roi) != 2 * len(shape):
+        raise ValueError(f"roi must have {2 * len(shape)} numbers [i0, i1, j0, j1, k0, k1], got {roi}")
+    inside = np.zeros(shape, dtype=np.uint8)
+    bounds = []
+    for axis, size in enumerate(shape):
+        low, high = sorted(int(round(float(v))) for v in roi[2 * axis : 2 * axis + 2])
+        if high < 0 or low >= size:
+            raise ValueError(f"roi {roi} lies outside the image (shape {shape})")
+        bounds.append(slice(max(low, 0), min(high, size - 1) + 1))
+    inside[tuple(bounds)] = 1
+    return inside

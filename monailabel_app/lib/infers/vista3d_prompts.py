@@ -31,5 +31,5 @@ class Vista3dPrompts(Medsam3InferTask):
             raise ValueError("label_prompt is empty: give label indices or points")
         points = as_list(request.get("points"), "points")
         labels = as_list(request.get("point_labels"), "point_labels")
-        texts = [str(i) for i in indices] or (list(self.labels) if not points else [])
+        texts = self.names_for(indices) or (list(self.labels) if not points else [])
         return PromptSet.create(texts=texts, points=points or None, point_labels=labels or None)
