@@ -29,11 +29,11 @@ class AppSettings:
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> AppSettings:
         known = {f.name: f for f in fields(cls)}
-        # MONAI Label passes its own keys too; ours are the ones named here.
+        unknown = sorted(set(conf) - set(known))
+        if unknown:
+            raise ValueError(f"Unknown --conf options {unknown}; the app takes {sorted(known)}")
         values = {}
         for key, raw in conf.items():
-            if key not in known:
-                continue
             kind = known[key].type
             try:
                 values[key] = int(raw) if kind == "int" else float(raw) if kind == "float" else str(raw)

@@ -1,0 +1,83 @@
+"""The app's reading of client requests, without a server: options, label numbering, clicks, ROI."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "monailabel_app"))
+
+from lib.infers.auto_segmentation import AutoSegmentation  # noqa: E402
+from lib.infers.interactive import InteractiveSegmentation, roi_mask  # noqa: E402
+from lib.infers.vista3d_prompts import Vista3dPrompts  # noqa: E402
+from lib.model_service import ModelService  # noqa: E402
+from lib.settings import AppSettings  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def service() -> ModelService:
+    return ModelService(AppSettings.from_conf({"model_size": "tiny", "checkpoint": "random", "device": "cpu"}))
+
+
+def test_settings_are_typed_and_checked() -> None:
+    settings = AppSettings.from_conf({"batch_size": "4", "score_threshold": "0.3", "labels": "liver,spleen"})
+    assert settings.batch_size == 4 and settings.score_threshold == 0.3
+    with pytest.raises(ValueError, match="--conf batch_size expects a int, got 'many'"):
+        AppSettings.from_conf({"batch_size": "many"})
+    with pytest.raises(ValueError, match=r"Unknown --conf options \['modelsize'\]"):
+        AppSettings.from_conf({"modelsize": "tiny"})
+    with pytest.raises(ValueError, match="model_size must be base or tiny"):
+        AppSettings.from_conf({"model_size": "huge"})
+    assert "weights not found at /x.pt" in AppSettings.from_conf({"checkpoint": "/x.pt"}).missing_weights()
+
+
+def test_offered_labels_are_numbered_from_one(service) -> None:
+    assert service.offered_labels(["spleen", "Liver", "liver"]) == {"spleen": 1, "liver": 2}
+    assert list(service.offered_labels().values()) == list(range(1, len(service.vocabulary) + 1))
+    with pytest.raises(ValueError, match=r"not in the vocabulary: \['wombat'\]"):
+        service.offered_labels(["wombat"])
+
+
+def test_auto_prompts(service) -> None:
+    task = AutoSegmentation(service, service.offered_labels(["spleen", "liver"]))
+    assert task.prompts({"labels": "", "text": ""}).texts == ("spleen", "liver")  # all offered by default
+    assert task.prompts({"label_prompt": [2], "text": "odd blob"}).texts == ("liver", "odd blob")
+    with pytest.raises(ValueError, match="label_prompt is empty"):
+        task.prompts({"label_prompt": []})
+    with pytest.raises(ValueError, match=r"Label index 3 is not one of this model's labels \(1..2\)"):
+        task.prompts({"label_prompt": [3]})
+
+
+def test_click_prompts(service) -> None:
+    task = InteractiveSegmentation(service, service.offered_labels())
+    named = task.prompts({"label": "liver", "foreground": [[1, 2, 3]], "background": [[4, 5, 6]], "text": ""})
+    assert named.texts == ("liver",) and named.point_labels.tolist() == [1, 0]
+    generic = task.prompts({"label": "Segment_1", "foreground": [[1, 2, 3]], "background": []})
+    assert generic.texts == ()  # a generic segment name is not a prompt
+    assert task.prompts({"label": "Segment_1", "foreground": [[1, 2, 3]], "text": "hepatic lesion"}).texts == (
+        "hepatic lesion",
+    )
+    assert task.prompts({"label": "spleen", "foreground": [], "background": []}).texts == ("spleen",)
+    with pytest.raises(ValueError, match="No clicks"):
+        task.prompts({"label": "Segment_1", "foreground": [], "background": []})
+
+
+def test_vista3d_prompts(service) -> None:
+    task = Vista3dPrompts(service, service.offered_labels(["liver", "aorta"]))
+    prompt = task.prompts({"label_prompt": [2], "points": [[1, 2, 3], [3, 3, 3]], "point_labels": [1, 0]})
+    assert prompt.texts == ("aorta",) and prompt.points.shape == (2, 3)
+    assert task.prompts({}).texts == ("liver", "aorta")
+
+
+def test_roi_mask() -> None:
+    mask = roi_mask([5, 2, 0, 3, 9, 7], (10, 10, 10))  # pairs in either order, as Slicer sends them
+    assert mask.sum() == 4 * 4 * 3 and mask[2:6, 0:4, 7:10].all()
+    assert roi_mask([-5, 100, 0, 9, 0, 9], (10, 10, 10)).all()  # clipped to the image
+    with pytest.raises(ValueError, match="roi must have 6 numbers"):
+        roi_mask([1, 2], (10, 10, 10))
+    with pytest.raises(ValueError, match="lies outside the image"):
+        roi_mask([20, 30, 0, 1, 0, 1], (10, 10, 10))
+    assert np.issubdtype(mask.dtype, np.integer)
