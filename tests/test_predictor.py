@@ -117,3 +117,17 @@ def test_constructor_validation(model) -> None:
         Medsam3Predictor(model, batch_size=0)
     with pytest.raises(ValueError, match=r"score_threshold must be in \[0, 1\]"):
         Medsam3Predictor(model, score_threshold=2)
+
+
+def test_text_results_are_kept_on_the_encoding(model) -> None:
+    predictor = Medsam3Predictor(model, score_threshold=0.2)
+    encoding = predictor.encode(random_slices(3))
+    before = encoding.nbytes()
+    first = predictor.segment_text(encoding, ["liver"])[0]
+    heads = predictor.timer.seconds["heads"]
+    assert predictor.segment_text(encoding, ["liver"])[0] is first and predictor.timer.seconds["heads"] == heads
+    assert encoding.nbytes() > before  # the cache accounts for kept results
+    clicks = predictor.segment_clicks(encoding, np.array([[1, 5, 5]]), np.array([1]), initial=first)
+    assert clicks.logits is not first.logits  # refining never edits the kept text result
+    predictor.score_threshold = 0.9
+    assert predictor.segment_text(encoding, ["liver"])[0] is not first  # another threshold, another result

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -42,13 +42,17 @@ class VolumeEncoding:
     trunk: torch.Tensor
     height: int
     width: int
+    # Text results already computed on these features, by (prompt, score threshold): clicks that refine a text
+    # result, and repeated requests for the same structure, reuse them.
+    text_results: dict[tuple[str, float], PromptResult] = field(default_factory=dict)
 
     @property
     def num_slices(self) -> int:
         return int(self.trunk.shape[0])
 
     def nbytes(self) -> int:
-        return self.trunk.numel() * self.trunk.element_size()
+        held = [self.trunk] + [t for r in self.text_results.values() for t in (r.logits, r.scores)]
+        return sum(t.numel() * t.element_size() for t in held)
 
 
 @dataclass
@@ -155,9 +159,16 @@ class Medsam3Predictor:
         }
 
     def segment_text(self, encoding: VolumeEncoding, prompts: Sequence[str]) -> list[PromptResult]:
-        """Per prompt: the union of instances scoring above the threshold on every slice."""
+        """Per prompt: the union of instances scoring above the threshold on every slice (kept on ``encoding``)."""
         if not prompts:
             raise ValueError("No text prompts given")
+        missing = [p for p in dict.fromkeys(prompts) if (p, self.score_threshold) not in encoding.text_results]
+        if missing:
+            for prompt, result in zip(missing, self._segment_text(encoding, missing), strict=True):
+                encoding.text_results[(prompt, self.score_threshold)] = result
+        return [encoding.text_results[(p, self.score_threshold)] for p in prompts]
+
+    def _segment_text(self, encoding: VolumeEncoding, prompts: Sequence[str]) -> list[PromptResult]:
         num, low = encoding.num_slices, self._low_res
         logits = torch.full((len(prompts), num, low, low), EMPTY_LOGIT, dtype=torch.float16, device=self.device)
         scores = torch.zeros(len(prompts), num, device=self.device)

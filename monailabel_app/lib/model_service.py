@@ -43,6 +43,7 @@ class ModelService:
         self._lock = threading.Lock()
         if self._error is None:
             self._load()
+            _warm_up_io()
         else:
             logger.error("Medical SAM3 is not ready: %s", self._error)
 
@@ -119,3 +120,10 @@ def write_result(label: np.ndarray, volume: ImageVolume, extension: str, dtype: 
         path = handle.name
     write_label(label, volume, path, dtype=dtype or None, compress=compress)
     return path
+
+
+def _warm_up_io() -> None:
+    """ITK loads its NRRD/DICOM modules lazily (about 2 s): pay that at start-up, not on the first click."""
+    with tempfile.TemporaryDirectory() as folder:
+        reference = ImageVolume.from_affine(np.zeros((2, 2, 2), dtype=np.int16), np.eye(4))
+        read_image(write_label(np.zeros((2, 2, 2), dtype=np.uint8), reference, Path(folder) / "warm_up.nrrd"))

@@ -75,6 +75,7 @@ class Medsam3InferTask(InferTask):
             volume, result, summary = self.service.segment(image, prompts)
             label, label_names = self.output(result, request)
             compress = str(request.get("result_compress", True)).lower() not in ("false", "0")
+            write_start = time.perf_counter()
             path = write_result(
                 label, volume, request.get("result_extension") or ".nii.gz", request.get("result_dtype"), compress
             )
@@ -83,6 +84,7 @@ class Medsam3InferTask(InferTask):
         except (ValueError, FileNotFoundError) as error:
             logger.warning("Rejected %s request: %s", self.type, error)
             raise HTTPException(status_code=400, detail=str(error)) from error
+        summary["timings"]["io_write"] = round(time.perf_counter() - write_start, 4)
         summary["timings"]["server_total"] = round(time.perf_counter() - start, 4)
         summary["label_names"] = label_names
         return path, summary
