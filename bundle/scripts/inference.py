@@ -77,21 +77,10 @@ class VolumeSegmenter:
         view = SliceView.for_volume(image, self.plane)
         modality = self._modality(image)
         resolved = self.resolve(prompts)
-        encodings: dict[str, VolumeEncoding] = {}
+        memo: dict[tuple, VolumeEncoding] = {}
 
         def encoding_for(entry: ResolvedPrompt | None) -> VolumeEncoding:
-            preset = self._preset(image, entry, modality)
-            key = image_key(image.path, view.plane, repr(sorted(preset.items())), image.array.shape)
-            if key not in encodings:
-                cached = self.cache.get(key) if self.cache is not None else None
-                if cached is None:
-                    with timer.stage("preprocess"):
-                        slices = self._slices(image, view, preset)
-                    cached = self.predictor.encode(slices)
-                    if self.cache is not None:
-                        self.cache.put(key, cached)
-                encodings[key] = cached
-            return encodings[key]
+            return self._encoding(image, view, self._preset(image, entry, modality), memo)
 
         results: list[PromptResult] = []
         rows: list[dict[str, Any]] = []
@@ -131,7 +120,27 @@ class VolumeSegmenter:
             logger.warning("%r is not in the label vocabulary: used as free text", text)
         return SegmentationResult(label=label, labels=rows, unknown_prompts=unknown, timings=timer.as_dict())
 
+    def encode(self, image: ImageVolume, text: str | None = None) -> VolumeEncoding:
+        """The encoding a prompt ``text`` would use on ``image`` (its intensity preset), cached when possible."""
+        entry = self.vocabulary.resolve(text) if text else None
+        preset = self._preset(image, entry, self._modality(image))
+        return self._encoding(image, SliceView.for_volume(image, self.plane), preset, {})
+
     # ------------------------------------------------------------------------------------------------ helpers
+    def _encoding(self, image: ImageVolume, view: SliceView, preset: dict, memo: dict) -> VolumeEncoding:
+        """Encode once per (image, plane, preset): in this call (``memo``) and across calls (``cache``)."""
+        key = image_key(image.path, view.plane, repr(sorted(preset.items())), image.array.shape)
+        if key not in memo:
+            cached = self.cache.get(key) if self.cache is not None else None
+            if cached is None:
+                with self.predictor.timer.stage("preprocess"):
+                    slices = self._slices(image, view, preset)
+                cached = self.predictor.encode(slices)
+                if self.cache is not None:
+                    self.cache.put(key, cached)
+            memo[key] = cached
+        return memo[key]
+
     def _geometric(
         self,
         encoding: VolumeEncoding,

@@ -141,6 +141,20 @@ def bpe_vocabulary_path() -> Path:
     return path
 
 
+class MedSam3Detector(Sam3Image):
+    """SAM3's detector; training matches predictions to targets in :mod:`scripts.losses`, not in the module.
+
+    Upstream's training forward calls its own matcher on its own target format; ours leaves that out, so the
+    same forward serves inference and fine-tuning. Parameters (and checkpoint keys) are those of ``Sam3Image``.
+    """
+
+    def back_convert(self, targets: object) -> None:
+        return None
+
+    def _compute_matching(self, out: dict, targets: object) -> None:
+        return None
+
+
 class MedSam3(nn.Module):
     """The detector (text/box prompts) and the tracker (clicks, propagation across slices) of one model.
 
@@ -148,7 +162,7 @@ class MedSam3(nn.Module):
     unchanged. The module keeps no per-image state: :class:`scripts.predictor.Medsam3Predictor` does.
     """
 
-    def __init__(self, detector: Sam3Image, tracker: Sam3TrackerBase, size: ModelSize) -> None:
+    def __init__(self, detector: MedSam3Detector, tracker: Sam3TrackerBase, size: ModelSize) -> None:
         super().__init__()
         self.detector = detector
         self.tracker = tracker
@@ -308,7 +322,7 @@ def _segmentation_head(size: ModelSize) -> UniversalSegmentationHead:
     )
 
 
-def _detector(size: ModelSize, bpe_path: Path) -> Sam3Image:
+def _detector(size: ModelSize, bpe_path: Path) -> MedSam3Detector:
     text_encoder = VETextEncoder(
         tokenizer=SimpleTokenizer(bpe_path=str(bpe_path)),
         d_model=size.d_model,
@@ -326,7 +340,7 @@ def _detector(size: ModelSize, bpe_path: Path) -> Sam3Image:
         residual=True,
         out_norm=nn.LayerNorm(size.d_model),
     )
-    return Sam3Image(
+    return MedSam3Detector(
         backbone=SAM3VLBackbone(visual=_vision_backbone(size), text=text_encoder, scalp=1),
         transformer=_transformer(size),
         input_geometry_encoder=_geometry_encoder(size),

@@ -90,15 +90,13 @@ class Medsam3Predictor:
         self.max_empty_slices = max_empty_slices
         self.progress = progress
         self.device = model.device
-        # bf16 autocast on CUDA (the model's training precision); fp32 on CPU, where bf16 is slow and inexact.
-        self.amp = amp and self.device.type == "cuda"
+        self.amp = amp and self.device.type == "cuda"  # see precision()
         self.timer = StageTimer(self.device)
         self._text_cache: dict[str, dict[str, torch.Tensor]] = {}
 
     @contextlib.contextmanager
     def _running(self) -> Iterator[None]:
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
-        with torch.inference_mode(), autocast, device_fallbacks(self.device):
+        with torch.inference_mode(), precision(self.device, self.amp), device_fallbacks(self.device):
             yield
 
     def _batches(self, count: int, desc: str) -> Iterator[slice]:
@@ -186,9 +184,9 @@ class Medsam3Predictor:
                     text_ids = torch.arange(len(prompts), device=self.device).repeat_interleave(b)
                     out = self.model.detector.forward_grounding(
                         backbone_out=backbone_out,
-                        find_input=_find_stage(img_ids, text_ids),
+                        find_input=find_stage(img_ids, text_ids),
                         find_target=None,
-                        geometric_prompt=_empty_geometry(len(img_ids), self.device),
+                        geometric_prompt=empty_geometry(len(img_ids), self.device),
                     )
                     # supervise_joint_box_scores: pred_logits already include the presence score
                     inst_scores = out["pred_logits"].float().sigmoid().squeeze(-1).view(len(prompts), b, -1)
@@ -359,6 +357,13 @@ class Medsam3Predictor:
         return out
 
 
+def precision(device: torch.device, amp: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (the model's training precision); fp32 on CPU, where bf16 is slow and inexact."""
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _object_score(out: dict) -> torch.Tensor:
     return out["object_score_logits"].float().sigmoid().max()
 
@@ -367,7 +372,7 @@ def _new_memory() -> dict:
     return {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
 
 
-def _find_stage(img_ids: torch.Tensor, text_ids: torch.Tensor) -> FindStage:
+def find_stage(img_ids: torch.Tensor, text_ids: torch.Tensor) -> FindStage:
     return FindStage(
         img_ids=img_ids,
         text_ids=text_ids,
@@ -379,7 +384,7 @@ def _find_stage(img_ids: torch.Tensor, text_ids: torch.Tensor) -> FindStage:
     )
 
 
-def _empty_geometry(batch: int, device: torch.device) -> Prompt:
+def empty_geometry(batch: int, device: torch.device) -> Prompt:
     return Prompt(
         box_embeddings=torch.zeros(0, batch, 4, device=device),
         box_mask=torch.zeros(batch, 0, dtype=torch.bool, device=device),

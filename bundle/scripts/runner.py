@@ -20,7 +20,7 @@ from .inference import SegmentationResult, VolumeSegmenter
 from .metrics import evaluate_label_maps, summarise, write_metrics_csv
 from .prompts import PromptSet, parse_list_argument
 
-__all__ = ["collect_images", "run_evaluation", "run_inference"]
+__all__ = ["collect_images", "datalist_items", "label_names_from", "run_evaluation", "run_inference"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".png", ".jpg", ".jpeg", 
 def collect_images(image: str | None = None, datalist: str | None = None, key: str = "testing") -> list[dict[str, Any]]:
     """Items ``{"image": path, ...}`` from one file, a DICOM series folder, a folder of images, or a datalist."""
     if datalist:
-        return _datalist_items(Path(datalist), key)
+        return datalist_items(Path(datalist), key)
     if not image:
         raise ValueError("No input: pass --image <file, DICOM folder or folder of images> or --datalist <json>")
     path = Path(image)
@@ -49,7 +49,7 @@ def _is_dicom_folder(path: Path) -> bool:
     return path.is_dir() and any(p.suffix.lower() == ".dcm" for p in path.iterdir())
 
 
-def _datalist_items(path: Path, key: str) -> list[dict[str, Any]]:
+def datalist_items(path: Path, key: str) -> list[dict[str, Any]]:
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
@@ -127,8 +127,8 @@ def run_evaluation(
     ``labels`` maps label values in the reference masks to names (``{"1": "liver"}``); default: the datalist's
     own ``labels`` entry. Writes ``metrics.csv`` (one row per case and label) and ``summary.json``.
     """
-    items = _datalist_items(Path(datalist), key)
-    label_map = _label_names(labels, Path(datalist))
+    items = datalist_items(Path(datalist), key)
+    label_map = label_names_from(labels, Path(datalist))
     rows: list[dict[str, Any]] = []
     prompt_set = PromptSet.create(texts=list(label_map.values()))
     for item in tqdm(items, desc="Evaluating", unit="image"):
@@ -152,7 +152,8 @@ def run_evaluation(
     return summary
 
 
-def _label_names(labels: dict | str | None, datalist: Path) -> dict[int, str]:
+def label_names_from(labels: dict | str | None, datalist: Path) -> dict[int, str]:
+    """``{value: name}`` from an override (dict or its string) or the datalist's ``labels`` entry."""
     if isinstance(labels, str):
         labels = parse_list_argument(f"[{labels}]", "labels")[0] if labels.strip().startswith("{") else None
     if labels is None:

@@ -1,0 +1,135 @@
+"""Fine-tuning pieces the train config wires into MONAI's ``SupervisedTrainer``.
+
+* :class:`TextPromptStep`: one iteration (forward of every clip slice against every label prompt, loss,
+  backward, step), as the trainer's ``iteration_update``;
+* :func:`param_groups`: the Medical SAM3 recipe's optimiser groups (layer-wise decay over the ViT blocks,
+  separate backbone and decoder learning rates, no weight decay on norms and biases);
+* :class:`TrainableCheckpoint`: saves what is trained (all weights in ``full`` mode, only LoRA/adapter weights
+  otherwise, which keeps those files small).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from monai.utils import CommonKeys
+
+from .checkpoint import load_network, save_checkpoint
+from .cpu_compat import device_fallbacks
+from .losses import TextPromptLoss
+from .model_builder import MedSam3
+from .predictor import empty_geometry, find_stage, precision
+
+__all__ = ["TextPromptStep", "TrainableCheckpoint", "param_groups", "prepare_network"]
+
+logger = logging.getLogger(__name__)
+
+
+class TextPromptStep:
+    """``iteration_update`` for :class:`monai.engines.SupervisedTrainer` on :class:`SlicePromptDataset` batches."""
+
+    def __init__(self, prompts: Sequence[str], loss: TextPromptLoss | None = None, amp: bool = True) -> None:
+        if not prompts:
+            raise ValueError("No label prompts to train on")
+        self.prompts = list(prompts)
+        self.loss = loss or TextPromptLoss()
+        self.amp = amp
+
+    def __call__(self, engine: Engine, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        model: MedSam3 = engine.network
+        device = engine.state.device if hasattr(engine.state, "device") else model.device
+        model.train()
+        images = batch["image"].to(device)  # B x clip x 3 x S x S
+        targets = batch["target"].to(device)  # B x clip x P x S x S
+        slices = images.flatten(0, 1)
+        num, prompts = slices.shape[0], len(self.prompts)
+        # query n = prompt p on slice i, n = p * num + i (the order the detector indexes text and image ids)
+        target = targets.flatten(0, 1).transpose(0, 1).flatten(0, 1)
+        with device_fallbacks(device), precision(device, self.amp):
+            detector = model.detector
+            backbone_out = detector.backbone.forward_image(slices)
+            backbone_out.update(detector.backbone.forward_text(self.prompts, device=device))
+            img_ids = torch.arange(num, device=device).repeat(prompts)
+            text_ids = torch.arange(prompts, device=device).repeat_interleave(num)
+            outputs = detector.forward_grounding(
+                backbone_out=backbone_out,
+                find_input=find_stage(img_ids, text_ids),
+                find_target=None,
+                geometric_prompt=empty_geometry(len(img_ids), device),
+            )
+            terms = self.loss(outputs, target)
+        engine.optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        engine.optimizer.step()
+        engine.state.metrics.update({f"loss_{k}": float(v.detach()) for k, v in terms.items() if k != "loss"})
+        return {CommonKeys.LOSS: terms["loss"].detach(), CommonKeys.IMAGE: images, CommonKeys.LABEL: targets}
+
+
+def param_groups(
+    model: MedSam3,
+    lr_backbone: float = 5e-5,
+    lr_decoder: float = 3e-4,
+    layer_decay: float = 0.85,
+    weight_decay: float = 0.05,
+) -> list[dict[str, Any]]:
+    """Optimiser groups: ViT block i gets ``lr_backbone * layer_decay ** (depth + 1 - layer_id)``; the rest of
+    the model (text encoder, DETR, heads, tracker) ``lr_decoder``; norms, biases and embeddings no weight decay.
+    Frozen parameters are left out.
+    """
+    trunk = model.detector.backbone.vision_backbone.trunk
+    depth = trunk.get_num_layers()
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        prefix = "detector.backbone.vision_backbone.trunk."
+        if name.startswith(prefix):
+            layer = trunk.get_layer_id(name[len(prefix) :])
+            lr = lr_backbone * layer_decay ** (depth + 1 - layer)
+        else:
+            lr = lr_decoder
+        decay = 0.0 if parameter.ndim <= 1 or "pos_embed" in name or "embedding" in name else weight_decay
+        groups.setdefault((lr, decay), []).append(parameter)
+    if not groups:
+        raise ValueError("No trainable parameters: check the adaptation mode")
+    return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
+
+
+class TrainableCheckpoint:
+    """Save the trained weights every ``every`` iterations and at the end, in the project's checkpoint format."""
+
+    def __init__(self, output_dir: str, mode: str, every: int = 0, name: str = "model_final.pt") -> None:
+        self.output = Path(output_dir) / name
+        self.mode = mode
+        self.every = every
+
+    def attach(self, engine: Engine) -> None:
+        if self.every > 0:
+            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every), self._save)
+        engine.add_event_handler(Events.COMPLETED, self._save)
+
+    def _save(self, engine: Engine) -> None:
+        model = engine.network
+        state = None
+        if self.mode != "full":
+            from .adapters import adaptation_state_dict
+
+            state = adaptation_state_dict(model)
+        save_checkpoint(model, self.output, state_dict=state, mode=self.mode, iteration=engine.state.iteration)
+        logger.info("Saved %s weights to %s (iteration %d)", self.mode, self.output, engine.state.iteration)
+
+
+def prepare_network(network: MedSam3, ckpt_path: str, tracker_ckpt_path: str, mode: str) -> MedSam3:
+    """Load the starting weights, then add and unfreeze what ``mode`` trains (``full``, ``lora``, ``adapter3d``)."""
+    from .adapters import configure_adaptation
+
+    network = load_network(network, ckpt_path, tracker_ckpt_path)
+    trainable = configure_adaptation(network, mode)
+    count = sum(p.numel() for p in network.parameters() if p.requires_grad)
+    logger.info("Mode %s: %d trainable tensors, %.2fM parameters", mode, len(trainable), count / 1e6)
+    return network
