@@ -10,13 +10,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from lib.activelearning.uncertainty import Uncertainty, UncertaintyScoring
 from lib.errors import install_error_handlers
 from lib.infers.auto_segmentation import AutoSegmentation
 from lib.infers.interactive import InteractiveSegmentation
 from lib.infers.vista3d_prompts import Vista3dPrompts
 from lib.model_service import ModelService
-from lib.settings import AppSettings
+from lib.settings import AppSettings, names
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
@@ -30,8 +32,7 @@ class Medsam3App(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         self.settings = AppSettings.from_conf(conf)
         self.service = ModelService(self.settings)
-        labels = [s.strip() for s in self.settings.labels.split(",") if s.strip()]
-        self.label_names = self.service.offered_labels(labels)
+        self.label_names = self.service.offered_labels(names(self.settings.labels))
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -50,7 +51,13 @@ class Medsam3App(MONAILabelApp):
         }
 
     def init_strategies(self) -> dict[str, Strategy]:
-        return {"random": Random(), "first": First()}
+        return {"random": Random(), "first": First(), "uncertainty": Uncertainty()}
+
+    def init_scoring_methods(self) -> dict[str, ScoringMethod]:
+        scoring = (
+            self.service.offered_labels(names(self.settings.scoring_labels)) if self.settings.scoring_labels else {}
+        )
+        return {"medsam3_uncertainty": UncertaintyScoring(self.service, list(scoring))}
 
     def on_init_complete(self) -> None:
         install_error_handlers()

@@ -23,7 +23,7 @@ from scripts.adapters import (
     load_adaptation,
     merge_lora,
 )
-from scripts.checkpoint import CheckpointError, load_checkpoint, read_state_dict, save_checkpoint
+from scripts.checkpoint import load_checkpoint, read_state_dict, save_checkpoint
 from scripts.model_builder import MedSam3
 
 TRUNK = "detector.backbone.vision_backbone.trunk"
@@ -175,12 +175,6 @@ def test_base_checkpoint_keys_fit_an_adapted_model(tmp_path: Path, images: torch
     assert torch.equal(encode(model, images), encode(base, images))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=CheckpointError,
-    reason="load_checkpoint counts the adaptation keys a base checkpoint lacks as missing detector weights; "
-    "it should skip keys for which scripts.adapters.is_adaptation_key holds (then remove this marker)",
-)
 def test_load_checkpoint_loads_a_base_checkpoint_into_an_adapted_model(tmp_path: Path, images: torch.Tensor) -> None:
     base = tiny_model(seed=1)
     path = save_checkpoint(base, tmp_path / "base.pt")
@@ -209,7 +203,7 @@ def test_slice_adapter_mixes_neighbouring_slices_only() -> None:
     torch.manual_seed(0)
     nn.init.normal_(adapter.up.weight, std=0.1)
     changed = x.clone()
-    changed[0] += 1.0
+    changed[0] = -changed[0]  # (a constant shift would vanish in the adapter's LayerNorm)
     before, after = adapter(x), adapter(changed)
     assert after.shape == x.shape
     assert not torch.allclose(before[1], after[1])  # slice 0 reaches slice 1 through the convolution

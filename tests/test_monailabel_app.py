@@ -79,9 +79,18 @@ def _start(root: Path, *conf: str) -> Iterator[tuple[str, Path]]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
-    yield from _start(
-        tmp_path_factory.mktemp("server"), "--conf", "model_size", "tiny", "--conf", "checkpoint", "random"
-    )
+    conf = [
+        "--conf",
+        "model_size",
+        "tiny",
+        "--conf",
+        "checkpoint",
+        "random",
+        "--conf",
+        "scoring_labels",
+        "liver,spleen",
+    ]
+    yield from _start(tmp_path_factory.mktemp("server"), *conf)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +120,8 @@ def test_info_lists_ready_models(client) -> None:
         "medsam3_vista3d": "vista3d",
     }
     assert all(m["ready"] for m in models.values())
-    assert info["labels"][:2] == ["liver", "spleen"] and set(info["strategies"]) == {"random", "first"}
+    assert info["labels"][:2] == ["liver", "spleen"] and set(info["strategies"]) == {"random", "first", "uncertainty"}
+    assert set(info["scoring"]) == {"medsam3_uncertainty"}
     assert models["medsam3_vista3d"]["labels"]["liver"] == 1 and "background" not in models["medsam3_auto"]["labels"]
     assert models["medsam3_clicks"]["config"] == {"text": ""}
 
@@ -161,6 +171,29 @@ def test_save_label_and_next_sample(client, server, tmp_path) -> None:
     first = client.next_sample("first", {})
     assert first["id"] in {"ct_lps", "ct_psr"}  # the labelled image is not offered again
     assert client.next_sample("random", {})["id"] in {"ct_lps", "ct_psr"}
+
+
+def test_uncertainty_scoring_and_strategy(client, server) -> None:
+    """The server scores unlabelled images at start-up (in a subprocess); the strategy takes the top score."""
+    url = server[0]
+    response = requests.post(f"{url}/scoring/medsam3_uncertainty", json={}, timeout=60)
+    assert response.status_code in (200, 429), response.text  # 429: the start-up scoring is still running
+    scores: dict[str, float] = {}
+    deadline = time.time() + 300
+    while time.time() < deadline and not {"ct_lps", "ct_psr"} <= set(scores):
+        time.sleep(2)
+        objects = requests.get(f"{url}/datastore/?output=all", timeout=30).json()["objects"]
+        for image_id, entry in objects.items():
+            info = entry.get("image", {}).get("info", {})
+            if "medsam3_uncertainty" in info:
+                scores[image_id] = info["medsam3_uncertainty"]["score"]
+    assert {"ct_lps", "ct_psr"} <= set(scores) and all(0.0 <= v <= 1.0 for v in scores.values())
+    chosen = client.next_sample("uncertainty", {})
+    unlabelled = [
+        image_id for image_id in scores if not (server[1] / "labels" / "final" / f"{image_id}.nii.gz").exists()
+    ]
+    assert chosen["id"] == max(sorted(unlabelled), key=scores.get)
+    assert chosen["uncertainty_score"] == scores[chosen["id"]]
 
 
 @pytest.mark.parametrize(

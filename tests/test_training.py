@@ -151,3 +151,20 @@ def test_train_config_lowers_the_loss(datalist: Path, tmp_path: Path) -> None:
     assert np.mean(losses[-10:]) < 0.85 * np.mean(losses[:10])
     saved = torch.load(tmp_path / "model_final.pt", map_location="cpu", weights_only=True)
     assert saved["format"] == "medsam3" and saved["meta"]["mode"] == "full" and saved["meta"]["iteration"] == 60
+
+
+@pytest.mark.slow
+def test_lora_checkpoint_is_small_and_reloads_on_the_base(datalist: Path, tmp_path: Path) -> None:
+    from scripts.adapters import configure_adaptation, load_adaptation
+
+    result = _train(datalist, tmp_path, "--mode", "lora", "--max_steps", "4", "--batch_size", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = torch.load(tmp_path / "model_final.pt", map_location="cpu", weights_only=True)
+    assert saved["meta"]["mode"] == "lora" and all("lora_" in key for key in saved["state_dict"])
+    base = tiny_model(seed=0)  # the random-weight base the run started from (build seed 0)
+    full_size = sum(v.numel() for v in base.state_dict().values())
+    assert sum(v.numel() for v in saved["state_dict"].values()) < 0.05 * full_size
+    configure_adaptation(base, "lora")
+    load_adaptation(base, saved["state_dict"])
+    trained = [key for key, value in saved["state_dict"].items() if "lora_B" in key and value.abs().sum() > 0]
+    assert trained  # the low-rank updates moved away from their zero start

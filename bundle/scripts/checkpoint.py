@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .adapters import is_adaptation_key
+
 __all__ = ["CheckpointError", "LoadReport", "load_checkpoint", "load_network", "read_state_dict", "save_checkpoint"]
 
 logger = logging.getLogger(__name__)
@@ -120,6 +122,9 @@ def load_checkpoint(
         merged.pop(key)
     _check_shapes(merged, expected, model)
     missing = sorted(k for k in expected if k not in merged)
+    # LoRA / 3D-adapter parameters (scripts.adapters) are not in base checkpoints: they keep their current values.
+    kept = [k for k in missing if is_adaptation_key(k)]
+    missing = [k for k in missing if not is_adaptation_key(k)]
     missing_tracker = [k for k in missing if k.startswith(TRACKER_PREFIXES)]
     missing_required = [k for k in missing if not k.startswith(TRACKER_PREFIXES)]
     if missing_required:
@@ -138,7 +143,9 @@ def load_checkpoint(
     _check_finite(merged, path)
     # Every expected key is accounted for above: the tracker's keys are either all present or all kept at
     # their initial values with click prompts disabled, so strict loading is not possible but nothing is silent.
-    model.load_state_dict(merged, strict=not missing_tracker)
+    model.load_state_dict(merged, strict=not (missing_tracker or kept))
+    if kept:
+        logger.info("Kept %d adaptation parameters at their current values (not in the checkpoint)", len(kept))
     if report.unexpected:
         logger.warning("Ignored %d unexpected checkpoint keys, e.g. %s", len(report.unexpected), report.unexpected[:5])
     logger.info("Loaded checkpoint: %s", report.summary())

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.transforms import Compose, RandGaussianNoise, RandScaleIntensity, RandShiftIntensity
+from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
 from .image_io import read_image
@@ -106,7 +107,7 @@ class SlicePromptDataset(Dataset):
         rows = np.clip(np.arange(start, start + self.clip), 0, depth - 1)
         image = torch.from_numpy(np.ascontiguousarray(scaled[rows]))[:, None]  # clip x 1 x H x W
         if self.augment is not None:
-            image = torch.as_tensor(self.augment(image)).clamp(0, 1)
+            image = convert_to_tensor(self.augment(image), track_meta=False).clamp(0, 1)  # plain tensors collate
         target = torch.from_numpy(np.stack([values[rows] == value for value in self.labels], axis=1)).float()
         size = (self.image_size, self.image_size)
         image = F.interpolate(image.float(), size=size, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)

@@ -6,8 +6,9 @@ import logging
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -23,6 +24,8 @@ from scripts.vocabulary import Vocabulary, load_vocabulary
 from .settings import AppSettings
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
 
@@ -88,6 +91,13 @@ class ModelService:
         if unknown:
             raise ValueError(f"--conf labels names labels that are not in the vocabulary: {unknown}")
         return {name: value for value, name in enumerate(dict.fromkeys(e.name for e in entries), start=1)}
+
+    def run(self, work: Callable[[VolumeSegmenter], T]) -> T:
+        """Run ``work`` with the segmenter, holding the model lock (scoring, background jobs)."""
+        if not self.ready:
+            raise ModelNotReady(f"Medical SAM3 is {self.status}")
+        with self._lock:
+            return work(self._segmenter)
 
     def segment(self, image_path: str, prompts: PromptSet) -> tuple[ImageVolume, SegmentationResult, dict[str, Any]]:
         """Segment a datastore image; returns the image, the result and a summary with per-stage timings."""

@@ -20,6 +20,7 @@ class AppSettings:
     device: str = "auto"
     vocabulary: str = str(REPO_ROOT / "configs" / "vocabulary.json")
     labels: str = ""  # comma-separated names the auto task offers; empty = the whole vocabulary
+    scoring_labels: str = ""  # comma-separated names the uncertainty scoring uses; empty = scoring off
     plane: str = "axial"
     batch_size: int = 8
     score_threshold: float = 0.5
@@ -61,3 +62,8 @@ class AppSettings:
             f"weights not found at {self.checkpoint}: put the Medical SAM3 checkpoint there "
             "(see bundle/docs/README.md) or start with --conf checkpoint <file>"
         )
+
+
+def names(value: str) -> list[str]:
+    """A comma-separated option as a list of names."""
+    return [part.strip() for part in value.split(",") if part.strip()]

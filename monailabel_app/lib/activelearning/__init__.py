@@ -1,0 +1,1 @@
+"""Active learning: the model's own uncertainty ranks the unlabelled images."""
