@@ -49,12 +49,15 @@ def _is_dicom_folder(path: Path) -> bool:
     return path.is_dir() and any(p.suffix.lower() == ".dcm" for p in path.iterdir())
 
 
-def datalist_items(path: Path, key: str) -> list[dict[str, Any]]:
+def datalist_items(path: Path, key: str, required: bool = True) -> list[dict[str, Any]]:
+    """The ``key`` list of a MONAI datalist with paths made absolute; ``required=False`` allows none."""
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"Cannot read datalist {path}: {error}") from error
     items = data.get(key) if isinstance(data, dict) else data
+    if not required and items is None:
+        return []
     if not isinstance(items, list) or not items:
         raise ValueError(f"Datalist {path} has no {key!r} list of items")
     base = path.parent

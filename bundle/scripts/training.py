@@ -133,3 +133,57 @@ def prepare_network(network: MedSam3, ckpt_path: str, tracker_ckpt_path: str, mo
     count = sum(p.numel() for p in network.parameters() if p.requires_grad)
     logger.info("Mode %s: %d trainable tensors, %.2fM parameters", mode, len(trainable), count / 1e6)
     return network
+
+
+class TextPromptValidation:
+    """Every ``every`` iterations: text-prompt each validation volume, log mean Dice, keep the best weights.
+
+    Uses the same inference path as the bundle (:class:`scripts.inference.VolumeSegmenter`), so the number is
+    what users will get; ``model_best.pt`` holds what :class:`TrainableCheckpoint` would save at that point.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[dict[str, Any]],
+        labels: dict[int, str],
+        vocabulary: Any,
+        output_dir: str,
+        mode: str,
+        every: int,
+        score_threshold: float = 0.5,
+    ) -> None:
+        self.items, self.labels, self.vocabulary = list(items), dict(labels), vocabulary
+        self.best_path = Path(output_dir) / "model_best.pt"
+        self.mode, self.every, self.score_threshold = mode, every, score_threshold
+        self.best = -1.0
+        self.history: list[tuple[int, float]] = []
+
+    def attach(self, engine: Engine) -> None:
+        if self.every > 0 and self.items:
+            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every), self)
+
+    def __call__(self, engine: Engine) -> float:
+        from .image_io import read_image
+        from .inference import VolumeSegmenter
+        from .metrics import dice
+        from .predictor import Medsam3Predictor
+        from .prompts import PromptSet
+
+        model = engine.network
+        segmenter = VolumeSegmenter(Medsam3Predictor(model, score_threshold=self.score_threshold), self.vocabulary)
+        prompts = PromptSet.create(texts=list(self.labels.values()))
+        scores = []
+        for item in self.items:
+            result = segmenter.segment(read_image(item["image"]), prompts)
+            reference = read_image(item["label"]).array
+            for (value, _), row in zip(self.labels.items(), result.labels, strict=True):
+                scores.append(dice(result.label == row["index"], reference == value))
+        model.train()
+        mean = float(sum(scores) / len(scores))
+        self.history.append((engine.state.iteration, mean))
+        engine.state.metrics["val_mean_dice"] = mean
+        logger.info("Validation mean Dice %.4f at iteration %d (best %.4f)", mean, engine.state.iteration, self.best)
+        if mean > self.best:
+            self.best = mean
+            TrainableCheckpoint(str(self.best_path.parent), self.mode, name=self.best_path.name)._save(engine)
+        return mean
