@@ -11,7 +11,6 @@ upstream backbone, and the end-to-end time.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import sys
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import emit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
 
@@ -116,11 +116,7 @@ def main() -> None:
         "peak_memory_kind": "GPU allocated" if device.type == "cuda" else "process max RSS",
         "torch": torch.__version__,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n")
+    emit(report, args.output)
 
 
 if __name__ == "__main__":

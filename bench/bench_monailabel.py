@@ -10,7 +10,6 @@ Starts the app on 127.0.0.1 with a synthetic CT in its studies folder and talks 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -23,6 +22,7 @@ from pathlib import Path
 import requests
 import torch
 from monailabel.client import MONAILabelClient
+from report import emit
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bundle"))
@@ -101,10 +101,7 @@ def main() -> None:
         },
         "auto": {"labels": args.auto_labels.split(","), "round_trip_s": round(auto_s, 3), "server": auto["timings"]},
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        args.output.write_text(text + "\n")
+    emit(report, args.output)
 
 
 if __name__ == "__main__":

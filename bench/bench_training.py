@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import sys
@@ -16,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import emit
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
@@ -99,10 +99,7 @@ def main() -> None:
         "modes": modes,
         "peak_memory_kind": "GPU allocated" if device.type == "cuda" else "process max RSS (cumulative over modes)",
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        args.output.write_text(text + "\n")
+    emit(report, args.output)
 
 
 if __name__ == "__main__":
