@@ -107,6 +107,12 @@ def test_batch_folder_and_evaluation(data: Path, tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "metrics" / "summary.json").read_text())
     assert set(summary) == {"liver", "spleen"} and summary["liver"]["cases"] == 2
     assert 0.0 <= summary["liver"]["dice_mean"] <= 1.0
+    interactive = (tmp_path / "metrics" / "interactive.csv").read_text().strip().splitlines()
+    assert (
+        interactive[0] == "image,label,name,clicks,dice" and len(interactive) == 1 + 2 * 2 * 3
+    )  # cases x labels x (1,3,5)
+    assert (tmp_path / "metrics" / "interactive_dice.png").stat().st_size > 1000
+    assert {"dice_1_clicks", "dice_3_clicks", "dice_5_clicks"} <= set(summary["liver"])
 
 
 @pytest.mark.parametrize(

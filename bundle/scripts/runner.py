@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from .click_simulation import run_interactive_evaluation
 from .image_io import ImageVolume, output_path_for, read_image, write_label
 from .inference import SegmentationResult, VolumeSegmenter
 from .metrics import evaluate_label_maps, summarise, write_metrics_csv
@@ -124,11 +125,13 @@ def run_evaluation(
     labels: dict | str | None = None,
     key: str = "testing",
     tolerance_mm: float = 2.0,
+    interactive_clicks: Sequence[int] | None = (1, 3, 5),
 ) -> dict[str, Any]:
     """Text-prompt each reference label of every datalist item and score Dice and NSD per label.
 
     ``labels`` maps label values in the reference masks to names (``{"1": "liver"}``); default: the datalist's
-    own ``labels`` entry. Writes ``metrics.csv`` (one row per case and label) and ``summary.json``.
+    own ``labels`` entry. Writes ``metrics.csv`` (one row per case and label) and ``summary.json``; with
+    ``interactive_clicks`` (and tracker weights) also the click protocol's ``interactive.csv`` and its plot.
     """
     items = datalist_items(Path(datalist), key)
     label_map = label_names_from(labels, Path(datalist))
@@ -150,6 +153,12 @@ def run_evaluation(
     out_dir.mkdir(parents=True, exist_ok=True)
     write_metrics_csv(rows, out_dir / "metrics.csv")
     summary = summarise(rows)
+    if interactive_clicks and getattr(segmenter.predictor.model, "interactive", True):
+        interactive = run_interactive_evaluation(segmenter, items, label_map, out_dir, interactive_clicks)
+        for name, entry in summary.items():
+            for count in interactive_clicks:
+                values = [r["dice"] for r in interactive if r["name"] == name and r["clicks"] == count]
+                entry[f"dice_{count}_clicks"] = float(np.mean(values)) if values else None
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     logger.info("Evaluation summary: %s", json.dumps(summary))
     return summary
