@@ -51,10 +51,10 @@ def test_tiny_is_deterministic_per_seed() -> None:
 def test_tiny_forward_shapes() -> None:
     model = tiny_model()
     size = MODEL_SIZES["tiny"]
-    with torch.inference_mode():
-        out = model(torch.zeros(2, 3, size.image_size, size.image_size))
-    assert [tuple(f.shape) for f in out["backbone_fpn"]] == [(2, 32, 64, 64), (2, 32, 32, 32), (2, 32, 16, 16)]
-    assert len(out["sam2_backbone_out"]["backbone_fpn"]) == 3
+    with torch.inference_mode(), device_fallbacks(torch.device("cpu")):
+        out = model(torch.zeros(2, 3, size.image_size, size.image_size), ["liver", "spleen", "aorta"])
+    assert out["pred_logits"].shape == (6, size.num_queries, 1)  # (prompt, image) pairs x queries
+    assert out["pred_masks"].shape == (6, size.num_queries, 64, 64) and out["presence_logit_dec"].shape == (6, 1)
 
 
 def test_unknown_size() -> None:

@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from sam3.model.data_misc import FindStage
 from sam3.model.decoder import (
     TransformerDecoder,
     TransformerDecoderLayer,
@@ -20,7 +21,7 @@ from sam3.model.decoder import (
     TransformerEncoderCrossAttention,
 )
 from sam3.model.encoder import TransformerEncoderFusion, TransformerEncoderLayer
-from sam3.model.geometry_encoders import SequenceGeometryEncoder
+from sam3.model.geometry_encoders import Prompt, SequenceGeometryEncoder
 from sam3.model.maskformer_segmentation import PixelDecoder, UniversalSegmentationHead
 from sam3.model.memory import CXBlock, SimpleFuser, SimpleMaskDownSampler, SimpleMaskEncoder
 from sam3.model.model_misc import MLP, DotProductScoring, TransformerWrapper
@@ -183,9 +184,23 @@ class MedSam3(nn.Module):
         move_tensor_caches(self)
         return result
 
-    def forward(self, images: torch.Tensor) -> dict:
-        """Image features for a batch: ``images`` is B x 3 x S x S, normalised to [-1, 1]."""
-        return self.detector.backbone.forward_image(images)
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> dict:
+        """Detector outputs for every (prompt, image) pair, the text-prompted training forward.
+
+        ``images`` is B x 3 x S x S normalised to [-1, 1]; query n = p * B + i is prompt p on image i. Going
+        through ``forward`` lets DistributedDataParallel synchronise gradients.
+        """
+        num = images.shape[0]
+        backbone_out = self.detector.backbone.forward_image(images)
+        backbone_out.update(self.detector.backbone.forward_text(prompts, device=images.device))
+        img_ids = torch.arange(num, device=images.device).repeat(len(prompts))
+        text_ids = torch.arange(len(prompts), device=images.device).repeat_interleave(num)
+        return self.detector.forward_grounding(
+            backbone_out=backbone_out,
+            find_input=find_stage(img_ids, text_ids),
+            find_target=None,
+            geometric_prompt=empty_geometry(len(img_ids), images.device),
+        )
 
 
 def _attention(size: ModelSize, dropout: float, batch_first: bool = False) -> MultiheadAttention:
@@ -453,3 +468,22 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
 
 def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def find_stage(img_ids: torch.Tensor, text_ids: torch.Tensor) -> FindStage:
+    return FindStage(
+        img_ids=img_ids,
+        text_ids=text_ids,
+        input_boxes=None,
+        input_boxes_mask=None,
+        input_boxes_label=None,
+        input_points=None,
+        input_points_mask=None,
+    )
+
+
+def empty_geometry(batch: int, device: torch.device) -> Prompt:
+    return Prompt(
+        box_embeddings=torch.zeros(0, batch, 4, device=device),
+        box_mask=torch.zeros(batch, 0, dtype=torch.bool, device=device),
+    )

@@ -20,12 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sam3.model.data_misc import FindStage
-from sam3.model.geometry_encoders import Prompt
 from tqdm.auto import tqdm
 
 from .cpu_compat import device_fallbacks
-from .model_builder import MedSam3
+from .model_builder import MedSam3, empty_geometry, find_stage
 from .timing import StageTimer
 
 __all__ = ["Medsam3Predictor", "PromptResult", "VolumeEncoding"]
@@ -370,25 +368,6 @@ def _object_score(out: dict) -> torch.Tensor:
 
 def _new_memory() -> dict:
     return {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
-
-
-def find_stage(img_ids: torch.Tensor, text_ids: torch.Tensor) -> FindStage:
-    return FindStage(
-        img_ids=img_ids,
-        text_ids=text_ids,
-        input_boxes=None,
-        input_boxes_mask=None,
-        input_boxes_label=None,
-        input_points=None,
-        input_points_mask=None,
-    )
-
-
-def empty_geometry(batch: int, device: torch.device) -> Prompt:
-    return Prompt(
-        box_embeddings=torch.zeros(0, batch, 4, device=device),
-        box_mask=torch.zeros(batch, 0, dtype=torch.bool, device=device),
-    )
 
 
 def _box_window(low: int, encoding: VolumeEncoding, box: Sequence[float], device: torch.device) -> torch.Tensor:

@@ -23,9 +23,9 @@ from .checkpoint import load_network, save_checkpoint
 from .cpu_compat import device_fallbacks
 from .losses import TextPromptLoss
 from .model_builder import MedSam3
-from .predictor import empty_geometry, find_stage, precision
+from .predictor import precision
 
-__all__ = ["TextPromptStep", "TrainableCheckpoint", "param_groups", "prepare_network"]
+__all__ = ["TextPromptStep", "TextPromptValidation", "TrainableCheckpoint", "param_groups", "prepare_network", "unwrap"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,27 +41,16 @@ class TextPromptStep:
         self.amp = amp
 
     def __call__(self, engine: Engine, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        model: MedSam3 = engine.network
-        device = engine.state.device if hasattr(engine.state, "device") else model.device
+        model = engine.network  # MedSam3, or MedSam3 wrapped in DistributedDataParallel
+        device = engine.state.device
         model.train()
         images = batch["image"].to(device)  # B x clip x 3 x S x S
         targets = batch["target"].to(device)  # B x clip x P x S x S
         slices = images.flatten(0, 1)
-        num, prompts = slices.shape[0], len(self.prompts)
         # query n = prompt p on slice i, n = p * num + i (the order the detector indexes text and image ids)
         target = targets.flatten(0, 1).transpose(0, 1).flatten(0, 1)
         with device_fallbacks(device), precision(device, self.amp):
-            detector = model.detector
-            backbone_out = detector.backbone.forward_image(slices)
-            backbone_out.update(detector.backbone.forward_text(self.prompts, device=device))
-            img_ids = torch.arange(num, device=device).repeat(prompts)
-            text_ids = torch.arange(prompts, device=device).repeat_interleave(num)
-            outputs = detector.forward_grounding(
-                backbone_out=backbone_out,
-                find_input=find_stage(img_ids, text_ids),
-                find_target=None,
-                geometric_prompt=empty_geometry(len(img_ids), device),
-            )
+            outputs = model(slices, self.prompts)  # through forward, so DDP synchronises gradients
             terms = self.loss(outputs, target)
         engine.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
@@ -114,7 +103,9 @@ class TrainableCheckpoint:
         engine.add_event_handler(Events.COMPLETED, self._save)
 
     def _save(self, engine: Engine) -> None:
-        model = engine.network
+        if not _is_main_process():
+            return
+        model = unwrap(engine.network)
         state = None
         if self.mode != "full":
             from .adapters import adaptation_state_dict
@@ -169,7 +160,9 @@ class TextPromptValidation:
         from .predictor import Medsam3Predictor
         from .prompts import PromptSet
 
-        model = engine.network
+        if not _is_main_process():
+            return self.best
+        model = unwrap(engine.network)
         segmenter = VolumeSegmenter(Medsam3Predictor(model, score_threshold=self.score_threshold), self.vocabulary)
         prompts = PromptSet.create(texts=list(self.labels.values()))
         scores = []
@@ -187,3 +180,13 @@ class TextPromptValidation:
             self.best = mean
             TrainableCheckpoint(str(self.best_path.parent), self.mode, name=self.best_path.name)._save(engine)
         return mean
+
+
+def unwrap(network: torch.nn.Module) -> MedSam3:
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(network, "module", network)
+
+
+def _is_main_process() -> bool:
+    """Only rank 0 validates and writes checkpoints in multi-GPU runs."""
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
