@@ -185,3 +185,20 @@ def test_training_raises_held_out_dice(datalist: Path, tmp_path: Path) -> None:
     assert len(dices) == 2 and max(dices) > 0.15, dices
     best = torch.load(tmp_path / "model_best.pt", map_location="cpu", weights_only=True)
     assert best["meta"]["iteration"] in (40, 80)
+
+
+@pytest.mark.slow
+def test_multi_gpu_config_runs_under_torchrun(datalist: Path, tmp_path: Path) -> None:
+    """The DDP override on CPU (gloo, 2 processes): each rank trains on its own shard, rank 0 saves once."""
+    configs = str([str(REPO / "bundle/configs/train.json"), str(REPO / "bundle/configs/multi_gpu_train.json")])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29571"]
+    command = [*torchrun, "-m", "monai.bundle", "run", "--config_file", configs, "--datalist", str(datalist)]
+    command += ["--output_dir", str(tmp_path), "--model_size", "tiny", "--ckpt_path", "random", "--mode", "lora"]
+    command += ["--max_steps", "3", "--val_every", "0"]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "bundle")}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert log.count("Iter: 3/3") == 1  # rank 0 logs; rank 1 trains silently
+    saved = torch.load(tmp_path / "model_final.pt", map_location="cpu", weights_only=True)
+    assert saved["meta"] == {"mode": "lora", "iteration": 3} and all("lora_" in k for k in saved["state_dict"])

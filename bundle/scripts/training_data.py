@@ -67,7 +67,7 @@ class SlicePromptDataset(Dataset):
         self.num_samples = num_samples
         self.clip = clip
         self.positive_fraction = positive_fraction
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
         self.volumes = [self._load(item, vocabulary) for item in items]
         self.augment = (
             Compose(
@@ -97,12 +97,14 @@ class SlicePromptDataset(Dataset):
         return self.num_samples
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        scaled, values, positive = self.volumes[self.rng.integers(len(self.volumes))]
+        # Random per index, reproducible: ranks of a distributed run (disjoint indices) see different samples.
+        rng = np.random.default_rng([self.seed, index])
+        scaled, values, positive = self.volumes[rng.integers(len(self.volumes))]
         depth = scaled.shape[0]
-        if len(positive) and self.rng.random() < self.positive_fraction:
-            centre = int(self.rng.choice(positive))
+        if len(positive) and rng.random() < self.positive_fraction:
+            centre = int(rng.choice(positive))
         else:
-            centre = int(self.rng.integers(depth))
+            centre = int(rng.integers(depth))
         start = int(np.clip(centre - self.clip // 2, 0, max(depth - self.clip, 0)))
         rows = np.clip(np.arange(start, start + self.clip), 0, depth - 1)
         image = torch.from_numpy(np.ascontiguousarray(scaled[rows]))[:, None]  # clip x 1 x H x W
