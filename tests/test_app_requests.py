@@ -81,3 +81,15 @@ def test_roi_mask() -> None:
     with pytest.raises(ValueError, match="lies outside the image"):
         roi_mask([20, 30, 0, 1, 0, 1], (10, 10, 10))
     assert np.issubdtype(mask.dtype, np.integer)
+
+
+def test_images_are_read_once_per_version(service, tmp_path) -> None:
+    import os
+
+    from scripts.phantom import write_phantom
+
+    image, _ = write_phantom(tmp_path, "ct", shape=(16, 16, 4))
+    first = service._read(str(image))
+    assert service._read(str(image)) is first  # a second click does not re-read the file
+    os.utime(image, ns=(1, 10**18))
+    assert service._read(str(image)) is not first  # an edited file is read again

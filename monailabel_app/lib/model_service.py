@@ -6,6 +6,7 @@ import logging
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -13,7 +14,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from scripts.checkpoint import file_if_present, load_network
-from scripts.encoding_cache import EncodingCache
+from scripts.encoding_cache import EncodingCache, image_key
 from scripts.image_io import ImageVolume, read_image, write_label
 from scripts.inference import SegmentationResult, VolumeSegmenter
 from scripts.model_builder import build_medsam3
@@ -28,6 +29,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
+IMAGES_KEPT = 4  # images kept in memory after reading (keyed by path and modification time)
 
 
 class ModelNotReady(RuntimeError):
@@ -44,6 +46,7 @@ class ModelService:
         self._segmenter: VolumeSegmenter | None = None
         self._error: str | None = settings.missing_weights()
         self._lock = threading.Lock()
+        self._images: OrderedDict[tuple, ImageVolume] = OrderedDict()
         if self._error is None:
             self._load()
             _warm_up_io()
@@ -92,6 +95,21 @@ class ModelService:
             raise ValueError(f"--conf labels names labels that are not in the vocabulary: {unknown}")
         return {name: value for value, name in enumerate(dict.fromkeys(e.name for e in entries), start=1)}
 
+    def _read(self, image_path: str) -> ImageVolume:
+        """Read an image, reusing the last few: clicks on one image should not re-read a 300-slice CT each time."""
+        key = image_key(image_path)
+        with self._lock:
+            volume = self._images.get(key)
+            if volume is not None:
+                self._images.move_to_end(key)
+                return volume
+        volume = read_image(image_path)
+        with self._lock:
+            self._images[key] = volume
+            while len(self._images) > IMAGES_KEPT:
+                self._images.popitem(last=False)
+        return volume
+
     def run(self, work: Callable[[VolumeSegmenter], T]) -> T:
         """Run ``work`` with the segmenter, holding the model lock (scoring, background jobs)."""
         if not self.ready:
@@ -104,7 +122,7 @@ class ModelService:
         if not self.ready:
             raise ModelNotReady(f"Medical SAM3 is {self.status}")
         start = time.perf_counter()
-        volume = read_image(image_path)
+        volume = self._read(image_path)
         read_s = time.perf_counter() - start
         with self._lock:  # one request at a time on the model; the encoding cache is shared
             hits = self.cache.hits
