@@ -54,10 +54,12 @@ class Medsam3App(MONAILabelApp):
         return {"random": Random(), "first": First(), "uncertainty": Uncertainty()}
 
     def init_scoring_methods(self) -> dict[str, ScoringMethod]:
-        scoring = (
-            self.service.offered_labels(names(self.settings.scoring_labels)) if self.settings.scoring_labels else {}
-        )
-        return {"medsam3_uncertainty": UncertaintyScoring(self.service, list(scoring))}
+        """Uncertainty scoring when ``--conf scoring_labels`` names labels (MONAI Label runs it in a subprocess
+        that loads its own copy of the model, at start-up and after each submitted label)."""
+        wanted = names(self.settings.scoring_labels)
+        if not wanted:
+            return {}
+        return {"medsam3_uncertainty": UncertaintyScoring(self.service, list(self.service.offered_labels(wanted)))}
 
     def on_init_complete(self) -> None:
         install_error_handlers()

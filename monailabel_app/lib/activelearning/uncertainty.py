@@ -28,9 +28,6 @@ class UncertaintyScoring(ScoringMethod):
         self.labels = labels
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
-        if not self.labels:
-            logger.info("Uncertainty scoring is off: start the server with --conf scoring_labels <names>")
-            return {}
         if not self.service.ready:
             logger.warning("Uncertainty scoring skipped: Medical SAM3 is %s", self.service.status)
             return {}
