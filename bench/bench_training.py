@@ -21,9 +21,10 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
 
 from scripts.adapters import configure_adaptation  # noqa: E402
+from scripts.click_training import ClickSimulation  # noqa: E402
 from scripts.model_builder import build_medsam3  # noqa: E402
 from scripts.phantom import write_phantom  # noqa: E402
-from scripts.training import TextPromptStep, param_groups  # noqa: E402
+from scripts.training import PromptStep, param_groups  # noqa: E402
 from scripts.training_data import SlicePromptDataset, label_prompts  # noqa: E402
 from scripts.vocabulary import load_vocabulary  # noqa: E402
 
@@ -31,7 +32,7 @@ LABELS = {1: "liver", 2: "spleen", 3: "right kidney", 4: "left kidney"}
 
 
 class _Engine:
-    """The attributes TextPromptStep reads from an ignite engine, without the engine's loop."""
+    """The attributes PromptStep reads from an ignite engine, without the engine's loop."""
 
     def __init__(self, network: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.network, self.optimizer = network, optimizer
@@ -46,7 +47,8 @@ def run_mode(mode: str, args: argparse.Namespace, items: list[dict], device: tor
     dataset = SlicePromptDataset(items, LABELS, vocabulary, model.image_size, args.steps * args.batch_size, clip=clip)
     loader = DataLoader(dataset, batch_size=args.batch_size)
     engine = _Engine(model, torch.optim.AdamW(param_groups(model)))
-    step = TextPromptStep(label_prompts(LABELS, vocabulary))
+    clicks = ClickSimulation(rounds=args.click_rounds) if args.click_rounds > 0 else None
+    step = PromptStep(label_prompts(LABELS, vocabulary), clicks=clicks)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     batches = iter(loader)
@@ -80,6 +82,7 @@ def main() -> None:
     parser.add_argument("--model_size", default="tiny")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch_size", type=int, default=2)
+    parser.add_argument("--click_rounds", type=int, default=3, help="simulated box/click rounds (0: text only)")
     parser.add_argument("--modes", nargs="+", default=["full", "lora", "adapter3d"])
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
@@ -96,6 +99,7 @@ def main() -> None:
         "model_size": args.model_size,
         "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
         "batch_size": args.batch_size,
+        "click_rounds": args.click_rounds,
         "modes": modes,
         "peak_memory_kind": "GPU allocated" if device.type == "cuda" else "process max RSS (cumulative over modes)",
     }

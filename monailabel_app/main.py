@@ -8,6 +8,7 @@ Options (``--conf key value``) are listed in :class:`lib.settings.AppSettings`.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from lib.activelearning.uncertainty import Uncertainty, UncertaintyScoring
@@ -16,10 +17,13 @@ from lib.infers.auto_segmentation import AutoSegmentation
 from lib.infers.interactive import InteractiveSegmentation
 from lib.infers.vista3d_prompts import Vista3dPrompts
 from lib.model_service import ModelService
+from lib.published_weights import PublishedWeights
 from lib.settings import AppSettings, names
+from lib.trainers.fine_tuning import FineTuning
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
@@ -31,7 +35,8 @@ VERSION = "0.1.0"
 class Medsam3App(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         self.settings = AppSettings.from_conf(conf)
-        self.service = ModelService(self.settings)
+        self.model_dir = Path(self.settings.model_dir or Path(app_dir) / "model")
+        self.service = ModelService(self.settings, PublishedWeights(self.model_dir))
         self.label_names = self.service.offered_labels(names(self.settings.labels))
         super().__init__(
             app_dir=app_dir,
@@ -50,6 +55,9 @@ class Medsam3App(MONAILabelApp):
             "medsam3_vista3d": Vista3dPrompts(self.service, self.label_names),
         }
 
+    def init_trainers(self) -> dict[str, TrainTask]:
+        return {"medsam3": FineTuning(self.settings, self.label_names, self.model_dir)}
+
     def init_strategies(self) -> dict[str, Strategy]:
         return {"random": Random(), "first": First(), "uncertainty": Uncertainty()}
 
@@ -62,6 +70,8 @@ class Medsam3App(MONAILabelApp):
         return {"medsam3_uncertainty": UncertaintyScoring(self.service, list(self.service.offered_labels(wanted)))}
 
     def on_init_complete(self) -> None:
+        """The server (not MONAI Label's training subprocess) loads the model at start-up."""
         install_error_handlers()
+        self.service.load()
         super().on_init_complete()
         logger.info("Medical SAM3 (%s, %s): %s", self.settings.model_size, self.settings.device, self.service.status)

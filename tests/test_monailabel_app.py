@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,65 +13,11 @@ import pytest
 import requests
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
+from monailabel_server import start_server
 
 from scripts.image_io import read_image
-from scripts.phantom import write_phantom
 
-REPO = Path(__file__).resolve().parents[1]
-SHAPE = (40, 36, 12)
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _studies(root: Path) -> Path:
-    studies = root / "studies"
-    for name, code in (("ct_ras", "RAS"), ("ct_lps", "LPS"), ("ct_psr", "PSR")):
-        image, label = write_phantom(
-            root / "phantoms", name, orientation=code, shape=SHAPE, seed=len(name) + ord(code[0])
-        )
-        studies.mkdir(exist_ok=True)
-        (studies / image.name).write_bytes(image.read_bytes())
-    return studies
-
-
-@pytest.fixture(scope="module")
-def phantom_labels(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("server")
-
-
-def _start(root: Path, *conf: str) -> Iterator[tuple[str, Path]]:
-    studies = _studies(root)
-    port = _free_port()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    args = ["start_server", "--app", str(REPO / "monailabel_app"), "--studies", str(studies)]
-    args += ["--host", "127.0.0.1", "--port", str(port), *conf]
-    log = (root / "server.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "monailabel.main", *args], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited: {(root / 'server.log').read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/info/", timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(1)
-        else:
-            raise RuntimeError("server did not start in time")
-        yield url, studies
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +33,7 @@ def server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
         "scoring_labels",
         "liver,spleen",
     ]
-    yield from _start(tmp_path_factory.mktemp("server"), *conf)
+    yield from start_server(tmp_path_factory.mktemp("server"), *conf)
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +177,7 @@ def test_malformed_params_and_corrupt_upload(server, tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def unready_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
-    yield from _start(
+    yield from start_server(
         tmp_path_factory.mktemp("unready"), "--conf", "model_size", "tiny", "--conf", "checkpoint", "/nowhere/model.pt"
     )
 

@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import model_outputs, tiny_model
 
+from scripts.checkpoint import CheckpointError, load_network
 from scripts.losses import TextPromptLoss
 from scripts.phantom import write_phantom
-from scripts.training import param_groups
+from scripts.runner import label_names_from
+from scripts.training import param_groups, prepare_network
 from scripts.training_data import SlicePromptDataset, label_prompts
 from scripts.vocabulary import load_vocabulary
 
@@ -96,6 +98,49 @@ def test_slice_sampler(datalist: Path) -> None:
         SlicePromptDataset([], labels, vocabulary, 64, 1)
 
 
+def test_items_with_their_own_labels(datalist: Path) -> None:
+    """An item annotating only the spleen, as value 1: spleen targets come from value 1, liver is not a negative."""
+    training = json.loads(datalist.read_text())["training"]
+    items = [{k: str(datalist.parent / v) for k, v in item.items()} for item in training]
+    items[1]["labels"] = {"2": "spleen"}
+    vocabulary = load_vocabulary()
+    dataset = SlicePromptDataset(items[1:], {1: "liver", 2: "spleen"}, vocabulary, 64, 8, positive_fraction=1.0)
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        assert sample["valid"].tolist() == [0.0, 1.0] and not sample["target"][:, 0].any()
+    assert any(dataset[i]["target"][:, 1].any() for i in range(len(dataset)))
+    with pytest.raises(ValueError, match="not among the training labels"):
+        SlicePromptDataset([{**items[0], "labels": {"1": "aorta"}}], {1: "liver"}, vocabulary, 64, 1)
+    # Offsets: sample i of a dataset starting at index k is sample k + i of one starting at 0.
+    offset = SlicePromptDataset(items, {1: "liver", 2: "spleen"}, vocabulary, 64, 4, first_index=3)
+    whole = SlicePromptDataset(items, {1: "liver", 2: "spleen"}, vocabulary, 64, 8)
+    torch.testing.assert_close(offset[1]["image"], whole[4]["image"])
+    # Without a dataset-level map, the training labels are the items' names.
+    path = datalist.parent / "own_labels.json"
+    path.write_text(
+        json.dumps(
+            {
+                "training": [
+                    {**training[0], "labels": {"1": "liver"}},
+                    {**training[1], "labels": {"3": "aorta", "1": "liver"}},
+                ]
+            }
+        )
+    )
+    assert label_names_from(None, path) == {1: "liver", 2: "aorta"}
+
+
+def test_loss_ignores_pairs_the_sample_does_not_annotate() -> None:
+    outputs = _outputs()
+    targets = torch.zeros(2, 32, 32)
+    targets[1, 8:24, 8:24] = 1
+    only_first = TextPromptLoss()(outputs, targets, valid=torch.tensor([1.0, 0.0]))
+    assert float(only_first["mask"]) == 0.0  # the annotated pair is empty; the present one is ignored
+    torch.testing.assert_close(only_first["presence"], TextPromptLoss()(_outputs(1), targets[:1])["presence"])
+    nothing = TextPromptLoss()(outputs, targets, valid=torch.zeros(2))
+    assert float(nothing["loss"]) == 0.0
+
+
 def test_param_groups_follow_the_recipe() -> None:
     model = tiny_model()
     groups = param_groups(model, lr_backbone=1e-4, lr_decoder=1e-3, layer_decay=0.5, weight_decay=0.05)
@@ -168,6 +213,64 @@ def test_lora_checkpoint_is_small_and_reloads_on_the_base(datalist: Path, tmp_pa
     load_adaptation(base, saved["state_dict"])
     trained = [key for key, value in saved["state_dict"].items() if "lora_B" in key and value.abs().sum() > 0]
     assert trained  # the low-rank updates moved away from their zero start
+    # What users do: the file on top of the base checkpoint (inference.json --adapter_path), same outputs.
+    reloaded = load_network(tiny_model(seed=0), "random", adapter_path=str(tmp_path / "model_final.pt"))
+    assert reloaded.adaptation == {"mode": "lora", "rank": 8, "alpha": 16.0}
+    base.eval(), reloaded.eval()
+    for key, value in model_outputs(base, with_clicks=False).items():
+        np.testing.assert_allclose(model_outputs(reloaded, with_clicks=False)[key], value, atol=1e-5)
+    with pytest.raises(CheckpointError, match="trained with adaptation"):
+        load_network(adapted_tiny("adapter3d"), "random", adapter_path=str(tmp_path / "model_final.pt"))
+    with pytest.raises(ValueError, match="continue them with --mode lora"):
+        prepare_network(tiny_model(), "random", "", "adapter3d", adapter_path=str(tmp_path / "model_final.pt"))
+
+
+def adapted_tiny(mode: str):
+    from scripts.adapters import configure_adaptation
+
+    model = tiny_model()
+    configure_adaptation(model, mode)
+    return model
+
+
+@pytest.mark.slow
+def test_resume_continues_where_it_stopped(datalist: Path, tmp_path: Path) -> None:
+    """6 steps straight and 3 steps + resume to 6 end with the same weights (samples, optimiser, RNG restored)."""
+    common = ["--mode", "adapter3d", "--batch_size", "1", "--val_every", "0", "--lr_backbone", "0.01"]
+    straight = _train(datalist, tmp_path / "straight", *common, "--max_steps", "6")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = _train(datalist, tmp_path / "resumed", *common, "--max_steps", "3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    state = tmp_path / "resumed" / "train_state.pt"
+    resumed = _train(datalist, tmp_path / "resumed", *common, "--max_steps", "6", "--resume", str(state))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = resumed.stdout + resumed.stderr
+    assert "Resumed at iteration 3" in log and "Iter: 4/6" in log and "Iter: 1/6" not in log
+    final = [torch.load(tmp_path / run / "model_final.pt", weights_only=True) for run in ("straight", "resumed")]
+    assert final[0]["meta"]["iteration"] == final[1]["meta"]["iteration"] == 6
+    for key, value in final[0]["state_dict"].items():
+        torch.testing.assert_close(final[1]["state_dict"][key], value, rtol=1e-5, atol=1e-6)
+    halfway = torch.load(state, weights_only=True)  # the 6-step state now; the 3-step weights differed from it
+    assert halfway["iteration"] == 6
+    again = _train(datalist, tmp_path / "resumed", *common, "--max_steps", "6", "--resume", str(state))
+    assert again.returncode != 0 and "give more than 6 to train further" in again.stderr
+    wrong = _train(datalist, tmp_path / "other", "--mode", "lora", "--max_steps", "9", "--resume", str(state))
+    assert wrong.returncode != 0 and "resume it with --mode adapter3d" in wrong.stderr
+
+
+@pytest.mark.slow
+def test_mlflow_tracking_logs_the_loss(datalist: Path, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    result = _train(
+        datalist, tmp_path, "--mode", "lora", "--max_steps", "3", "--val_every", "0", "--tracking", "mlflow"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1
+    history = client.get_metric_history(runs[0].info.run_id, "train_loss")
+    assert [m.step for m in history] == [1, 2, 3] and all(np.isfinite(m.value) for m in history)
 
 
 @pytest.mark.slow
@@ -201,4 +304,5 @@ def test_multi_gpu_config_runs_under_torchrun(datalist: Path, tmp_path: Path) ->
     log = result.stdout + result.stderr
     assert log.count("Iter: 3/3") == 1  # rank 0 logs; rank 1 trains silently
     saved = torch.load(tmp_path / "model_final.pt", map_location="cpu", weights_only=True)
-    assert saved["meta"] == {"mode": "lora", "iteration": 3} and all("lora_" in k for k in saved["state_dict"])
+    assert saved["meta"]["mode"] == "lora" and saved["meta"]["iteration"] == 3
+    assert all("lora_" in k for k in saved["state_dict"])

@@ -33,6 +33,7 @@ from sam3.model.vitdet import ViT
 from torch import nn
 
 __all__ = [
+    "ADAPTATION_ATTRIBUTE",
     "ADAPTER_NAME",
     "LORA_TARGETS",
     "MODES",
@@ -54,6 +55,7 @@ LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 LORA_PARAMETERS = ("lora_A", "lora_B")
 ADAPTER_NAME = "adapter3d"  # child module name of the 3D adapter inside a ViT block
 MODES = ("full", "lora", "adapter3d")
+ADAPTATION_ATTRIBUTE = "adaptation"  # the configure_adaptation arguments, recorded on the model
 
 
 class LoRALinear(nn.Module):
@@ -292,13 +294,21 @@ def configure_adaptation(
     """Apply what ``mode`` needs, freeze the rest and return the names of the trainable parameters.
 
     ``full`` adds nothing (everything trains), ``lora`` adds LoRA (``rank``, ``alpha``), ``adapter3d`` adds LoRA and
-    3D adapters (``bottleneck``, ``kernel``). Call it once per model, before building the optimiser.
+    3D adapters (``bottleneck``, ``kernel``). Call it once per model, before building the optimiser; the arguments
+    are recorded as ``model.adaptation`` (:data:`ADAPTATION_ATTRIBUTE`).
     """
     _check_mode(mode)
+    if getattr(model, ADAPTATION_ATTRIBUTE, None) is not None:
+        raise ValueError(f"The model is already adapted ({getattr(model, ADAPTATION_ATTRIBUTE)})")
+    config: dict[str, object] = {"mode": mode}
     if mode in ("lora", "adapter3d"):
         apply_lora(model, rank=rank, alpha=alpha)
+        config.update(rank=rank, alpha=alpha)
     if mode == "adapter3d":
         apply_3d_adapters(model, bottleneck=bottleneck, kernel=kernel)
+        config.update(bottleneck=bottleneck, kernel=list(kernel))
+    # Saved with adapter files, so a loader rebuilds the same modules before loading their weights.
+    setattr(model, ADAPTATION_ATTRIBUTE, config)
     return freeze_for_mode(model, mode)
 
 

@@ -22,9 +22,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import is_adaptation_key
+from .adapters import ADAPTATION_ATTRIBUTE, configure_adaptation, is_adaptation_key, load_adaptation
 
-__all__ = ["CheckpointError", "LoadReport", "load_checkpoint", "load_network", "read_state_dict", "save_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "LoadReport",
+    "load_adaptation_file",
+    "load_checkpoint",
+    "load_network",
+    "read_adaptation_file",
+    "read_state_dict",
+    "save_checkpoint",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -199,8 +208,59 @@ def save_checkpoint(
     return path
 
 
-def load_network(network: nn.Module, ckpt_path: str | None, tracker_ckpt_path: str | None = None) -> nn.Module:
-    """Load weights into ``network``; ``ckpt_path="random"`` keeps the random initialisation (tests, benchmarks)."""
+def read_adaptation_file(path: str | Path) -> tuple[dict[str, object], str, dict[str, torch.Tensor]]:
+    """``(adaptation config, model size, tensors)`` of a LoRA / 3D-adapter file, refusing anything else."""
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for missing, truncated or foreign files
+        raise CheckpointError(f"Cannot read adapter weights {path}: {error}") from error
+    meta = raw.get("meta", {}) if isinstance(raw, Mapping) and raw.get("format") == PROJECT_FORMAT else {}
+    config = meta.get(ADAPTATION_ATTRIBUTE) or {}
+    if config.get("mode") not in ("lora", "adapter3d"):
+        raise CheckpointError(
+            f"{path} holds no LoRA/3D-adapter weights (saved by train.json in lora or adapter3d mode); a full "
+            "fine-tuned checkpoint is given as ckpt_path instead"
+        )
+    _check_finite(raw["state_dict"], path)
+    return dict(config), str(raw.get("model_size")), raw["state_dict"]
+
+
+def load_adaptation_file(model: nn.Module, path: str | Path) -> dict[str, object]:
+    """Load a LoRA / 3D-adapter file (an adapter-mode ``model_final.pt``/``model_best.pt``) on top of the base weights.
+
+    The file records how it was adapted (:func:`scripts.adapters.configure_adaptation` arguments); an unadapted model
+    gets that adaptation first, an adapted one must match it. Returns the adaptation config.
+    """
+    config, size, state = read_adaptation_file(path)
+    if size != _size_name(model):
+        raise CheckpointError(f"{path} was trained on model_size {size!r}, not {_size_name(model)!r}")
+    current = getattr(model, ADAPTATION_ATTRIBUTE, None)
+    if current is None:
+        configure_adaptation(model, **config)
+    elif current != config:
+        raise CheckpointError(f"{path} was trained with adaptation {config}, the model has {current}")
+    try:
+        load_adaptation(model, state)
+    except ValueError as error:
+        raise CheckpointError(f"{path}: {error}") from error
+    logger.info("Loaded %s adaptation (%d tensors) from %s", config["mode"], len(state), path)
+    return config
+
+
+def load_network(
+    network: nn.Module, ckpt_path: str | None, tracker_ckpt_path: str | None = None, adapter_path: str | None = None
+) -> nn.Module:
+    """Load weights into ``network``, then the fine-tuned ``adapter_path`` on top when given.
+
+    ``ckpt_path="random"`` keeps the random initialisation (tests, benchmarks).
+    """
+    network = _load_base(network, ckpt_path, tracker_ckpt_path)
+    if adapter_path:
+        load_adaptation_file(network, adapter_path)
+    return network
+
+
+def _load_base(network: nn.Module, ckpt_path: str | None, tracker_ckpt_path: str | None) -> nn.Module:
     if ckpt_path == RANDOM_WEIGHTS:
         logger.warning("Using RANDOM weights (ckpt_path=random): masks are meaningless; for tests and benchmarks only")
         network.interactive = True

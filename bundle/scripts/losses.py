@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from monai.losses import DiceFocalLoss
 from torch import nn
 
-__all__ = ["TextPromptLoss"]
+__all__ = ["TextPromptLoss", "low_res_targets"]
+
+PAIR_OUTPUTS = ("pred_logits", "pred_masks", "presence_logit_dec", "semantic_seg")  # indexed by (slice, prompt) pair
 
 
 class TextPromptLoss(nn.Module):
@@ -35,16 +37,24 @@ class TextPromptLoss(nn.Module):
         self.weights["semantic"] = semantic_weight
         self.dice_focal = DiceFocalLoss(sigmoid=True, reduction="mean", gamma=2.0)
 
-    def forward(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, outputs: dict[str, torch.Tensor], targets: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """``outputs``: the detector's (``pred_logits`` N x Q x 1, ``pred_masks`` N x Q x h x w,
-        ``presence_logit_dec`` N x 1, ``semantic_seg`` N x 1 x h x w); ``targets``: N x H x W binary masks.
+        ``presence_logit_dec`` N x 1, ``semantic_seg`` N x 1 x h x w); ``targets``: N x H x W binary masks;
+        ``valid``: N flags, False for pairs whose label the sample does not annotate (left out of every term).
 
         Returns the weighted ``loss`` and each term.
         """
+        if valid is not None:
+            keep = valid.bool()
+            if not keep.any():
+                zero = outputs["pred_masks"].sum() * 0.0  # keeps the graph
+                return {name: zero for name in (*self.weights, "loss")}
+            outputs = {key: outputs[key][keep] for key in PAIR_OUTPUTS if outputs.get(key) is not None}
+            targets = targets[keep]
         masks = outputs["pred_masks"].float()
-        low = masks.shape[-2:]
-        target = F.interpolate(targets[:, None].float(), size=low, mode="area")[:, 0]
-        target = (target >= 0.5).float()
+        target = low_res_targets(targets, masks.shape[-1])
         present = target.flatten(1).any(dim=1)
         logits = outputs["pred_logits"].float().squeeze(-1)  # N x Q, presence already folded in
 
@@ -79,3 +89,9 @@ class TextPromptLoss(nn.Module):
         dice = 1 - (2 * (probs * flat).sum(-1) + 1) / (probs.sum(-1) + flat.sum(-1) + 1)
         cost = dice - logits.sigmoid()
         return cost.argmin(dim=1)
+
+
+def low_res_targets(targets: torch.Tensor, size: int) -> torch.Tensor:
+    """N x S x S binary masks -> N x size x size floats in {0, 1} (area average >= 0.5), the logits' grid."""
+    low = F.interpolate(targets[:, None].float(), size=(size, size), mode="area")[:, 0]
+    return (low >= 0.5).float()

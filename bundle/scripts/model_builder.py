@@ -11,7 +11,9 @@ import logging
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from sam3.model.data_misc import FindStage
 from sam3.model.decoder import (
@@ -38,6 +40,9 @@ from sam3.sam.transformer import RoPEAttention
 from torch import nn
 
 from .cpu_compat import initialise_unset_parameters, move_tensor_caches
+
+if TYPE_CHECKING:  # click_training -> click_simulation -> predictor imports this module
+    from .click_training import ClickSimulation
 
 __all__ = ["MODEL_SIZES", "MedSam3", "ModelSize", "bpe_vocabulary_path", "build_medsam3"]
 
@@ -184,23 +189,46 @@ class MedSam3(nn.Module):
         move_tensor_caches(self)
         return result
 
-    def forward(self, images: torch.Tensor, prompts: list[str]) -> dict:
-        """Detector outputs for every (prompt, image) pair, the text-prompted training forward.
+    def forward(
+        self,
+        images: torch.Tensor,
+        prompts: list[str],
+        click_targets: torch.Tensor | None = None,
+        click_simulation: ClickSimulation | None = None,
+        click_generator: np.random.Generator | None = None,
+    ) -> dict:
+        """Detector outputs for every (prompt, image) pair, the training forward; optionally also click rounds.
 
-        ``images`` is B x 3 x S x S normalised to [-1, 1]; query n = p * B + i is prompt p on image i. Going
-        through ``forward`` lets DistributedDataParallel synchronise gradients.
+        ``images`` is B x 3 x S x S normalised to [-1, 1]; query n = p * B + i is prompt p on image i. With
+        ``click_targets`` (N x S x S binary masks, pair n as the queries), the tracker's SAM heads also run the
+        simulated interactive rounds of :func:`scripts.click_training.simulate_click_rounds` (``click_simulation``,
+        default :class:`ClickSimulation`; ``click_generator`` draws its randomness) on the same image features,
+        returned under ``"click_rounds"``. Going through ``forward`` lets DistributedDataParallel synchronise
+        gradients.
         """
         num = images.shape[0]
-        backbone_out = self.detector.backbone.forward_image(images)
+        backbone_out = self.detector.backbone.forward_image(images)  # also computes the tracker's (SAM 2) neck
         backbone_out.update(self.detector.backbone.forward_text(prompts, device=images.device))
         img_ids = torch.arange(num, device=images.device).repeat(len(prompts))
         text_ids = torch.arange(len(prompts), device=images.device).repeat_interleave(num)
-        return self.detector.forward_grounding(
+        out = self.detector.forward_grounding(
             backbone_out=backbone_out,
             find_input=find_stage(img_ids, text_ids),
             find_target=None,
             geometric_prompt=empty_geometry(len(img_ids), images.device),
         )
+        if click_targets is not None:
+            from .click_training import ClickSimulation, simulate_click_rounds
+
+            out["click_rounds"] = simulate_click_rounds(
+                self.tracker,
+                backbone_out["sam2_backbone_out"],
+                click_targets,
+                img_ids,
+                click_simulation or ClickSimulation(),
+                click_generator,
+            )
+        return out
 
 
 def _attention(size: ModelSize, dropout: float, batch_first: bool = False) -> MultiheadAttention:
@@ -435,6 +463,9 @@ def _tracker(size: ModelSize) -> Sam3TrackerBase:
         },
     )
     tracker.iter_use_prev_mask_pred = True  # clicks may refine a previous mask (set by upstream's predictor class)
+    # Read by the SAM heads in training mode but never set upstream: the target, not the predicted object score,
+    # decides whether a mask is kept, so a present structure's mask gets gradients from the first step (SAM 2).
+    tracker.teacher_force_obj_scores_for_mem = True
     return tracker
 
 

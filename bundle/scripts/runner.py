@@ -50,14 +50,18 @@ def _is_dicom_folder(path: Path) -> bool:
     return path.is_dir() and any(p.suffix.lower() == ".dcm" for p in path.iterdir())
 
 
-def datalist_items(path: Path, key: str, required: bool = True) -> list[dict[str, Any]]:
-    """The ``key`` list of a MONAI datalist with paths made absolute; ``required=False`` allows none."""
+def _read_datalist(path: Path) -> Any:
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"Cannot read datalist {path}: {error}") from error
+
+
+def datalist_items(path: Path, key: str, required: bool = True) -> list[dict[str, Any]]:
+    """The ``key`` list of a MONAI datalist with paths made absolute; ``required=False`` allows none."""
+    data = _read_datalist(path)
     items = data.get(key) if isinstance(data, dict) else data
-    if not required and items is None:
+    if not required and not items:
         return []
     if not isinstance(items, list) or not items:
         raise ValueError(f"Datalist {path} has no {key!r} list of items")
@@ -165,11 +169,20 @@ def run_evaluation(
 
 
 def label_names_from(labels: dict | str | None, datalist: Path) -> dict[int, str]:
-    """``{value: name}`` from an override (dict or its string) or the datalist's ``labels`` entry."""
+    """``{value: name}`` from an override (dict or its string) or the datalist's ``labels`` entry.
+
+    Without either, the names of the items' own ``labels`` maps, in order of appearance (numbered from 1).
+    """
     if isinstance(labels, str):
         labels = parse_list_argument(f"[{labels}]", "labels")[0] if labels.strip().startswith("{") else None
     if labels is None:
-        labels = json.loads(datalist.read_text()).get("labels")
+        data = _read_datalist(datalist)
+        labels = data.get("labels") if isinstance(data, dict) else None
+        if labels is None:
+            lists = [data.get(key) or [] for key in ("training", "validation")] if isinstance(data, dict) else [data]
+            items = [item for entries in lists for item in entries if isinstance(item, dict)]
+            names = dict.fromkeys(n for i in items for n in (i.get("labels") or {}).values())
+            labels = {value: name for value, name in enumerate(names, start=1)} or None
     if not isinstance(labels, dict) or not labels:
         raise ValueError("No label names: give --labels \"{'1': 'liver'}\" or a 'labels' map in the datalist")
     try:

@@ -1,11 +1,13 @@
 """Fine-tuning pieces the train config wires into MONAI's ``SupervisedTrainer``.
 
-* :class:`TextPromptStep`: one iteration (forward of every clip slice against every label prompt, loss,
-  backward, step), as the trainer's ``iteration_update``;
+* :class:`PromptStep`: one iteration (forward of every clip slice against every label prompt, with simulated
+  box/click rounds for the tracker, loss, backward, step), as the trainer's ``iteration_update``;
 * :func:`param_groups`: the Medical SAM3 recipe's optimiser groups (layer-wise decay over the ViT blocks,
   separate backbone and decoder learning rates, no weight decay on norms and biases);
 * :class:`TrainableCheckpoint`: saves what is trained (all weights in ``full`` mode, only LoRA/adapter weights
-  otherwise, which keeps those files small).
+  otherwise, which keeps those files small);
+* :class:`TrainingState`: what ``--resume`` needs to continue a run exactly;
+* :class:`TextPromptValidation`: validation Dice through the inference path, keeping the best weights.
 """
 
 from __future__ import annotations
@@ -19,28 +21,62 @@ import torch
 from ignite.engine import Engine, Events
 from monai.utils import CommonKeys
 
+from .adapters import (
+    ADAPTATION_ATTRIBUTE,
+    adaptation_state_dict,
+    configure_adaptation,
+    freeze_for_mode,
+    load_adaptation,
+)
 from .checkpoint import load_network, save_checkpoint
+from .click_training import ClickPromptLoss, ClickSimulation
 from .cpu_compat import device_fallbacks
 from .losses import TextPromptLoss
 from .model_builder import MedSam3
 from .predictor import precision
+from .training_data import item_labels
 
-__all__ = ["TextPromptStep", "TextPromptValidation", "TrainableCheckpoint", "param_groups", "prepare_network", "unwrap"]
+__all__ = [
+    "PromptStep",
+    "TextPromptValidation",
+    "TrainableCheckpoint",
+    "TrainingState",
+    "param_groups",
+    "prepare_network",
+    "trained_state_dict",
+    "unwrap",
+]
 
 logger = logging.getLogger(__name__)
 
+TRAIN_STATE_FORMAT = "medsam3-train-state"
 
-class TextPromptStep:
-    """``iteration_update`` for :class:`monai.engines.SupervisedTrainer` on :class:`SlicePromptDataset` batches."""
 
-    def __init__(self, prompts: Sequence[str], loss: TextPromptLoss | None = None, amp: bool = True) -> None:
+class PromptStep:
+    """``iteration_update`` for :class:`monai.engines.SupervisedTrainer` on :class:`SlicePromptDataset` batches.
+
+    Every label's text prompt on every slice trains the detector (:class:`TextPromptLoss`); with ``clicks``, the
+    same pairs also train the tracker's box and click heads over simulated corrective rounds
+    (:mod:`scripts.click_training`), weighted by ``click_weight``. One forward serves both, so DDP sees one graph.
+    """
+
+    def __init__(
+        self,
+        prompts: Sequence[str],
+        loss: TextPromptLoss | None = None,
+        clicks: ClickSimulation | None = None,
+        click_weight: float = 1.0,
+        amp: bool = True,
+    ) -> None:
         if not prompts:
             raise ValueError("No label prompts to train on")
         self.prompts = list(prompts)
         self.loss = loss or TextPromptLoss()
+        self.clicks, self.click_weight = clicks, click_weight
+        self.click_loss = ClickPromptLoss()
         self.amp = amp
 
-    def __call__(self, engine: Engine, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def __call__(self, engine: Engine, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         model = engine.network  # MedSam3, or MedSam3 wrapped in DistributedDataParallel
         device = engine.state.device
         model.train()
@@ -49,14 +85,28 @@ class TextPromptStep:
         slices = images.flatten(0, 1)
         # query n = prompt p on slice i, n = p * num + i (the order the detector indexes text and image ids)
         target = targets.flatten(0, 1).transpose(0, 1).flatten(0, 1)
+        valid = batch["valid"].to(device)[:, None].expand(-1, images.shape[1], -1)  # B x clip x P
+        valid = valid.flatten(0, 1).transpose(0, 1).flatten(0, 1)
+        # A tracker loaded without weights (detector-only checkpoint) is not trained from scratch here.
+        clicks = self.clicks if unwrap(model).interactive else None
         with device_fallbacks(device), precision(device, self.amp):
-            outputs = model(slices, self.prompts)  # through forward, so DDP synchronises gradients
-            terms = self.loss(outputs, target)
+            if clicks is None:
+                outputs = model(slices, self.prompts)  # through forward, so DDP synchronises gradients
+            else:  # pairs the sample does not annotate get no clicks: an empty target is never clicked
+                outputs = model(
+                    slices, self.prompts, click_targets=target * valid[:, None, None], click_simulation=clicks
+                )
+            terms = self.loss(outputs, target, valid)
+            if clicks is not None:
+                click_terms = self.click_loss(outputs, target * valid[:, None, None])
+                terms.update({k: v for k, v in click_terms.items() if k != "loss"})
+                terms["loss"] = terms["loss"] + self.click_weight * click_terms["loss"]
         engine.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         engine.optimizer.step()
         engine.state.metrics.update({f"loss_{k}": float(v.detach()) for k, v in terms.items() if k != "loss"})
-        return {CommonKeys.LOSS: terms["loss"].detach(), CommonKeys.IMAGE: images, CommonKeys.LABEL: targets}
+        # One "decollated" item with the batch loss, as MONAI handlers read it: from_engine(["loss"], first=True)
+        return [{CommonKeys.LOSS: terms["loss"].detach()}]
 
 
 def param_groups(
@@ -106,21 +156,133 @@ class TrainableCheckpoint:
         if not _is_main_process():
             return
         model = unwrap(engine.network)
-        state = None
-        if self.mode != "full":
-            from .adapters import adaptation_state_dict
-
-            state = adaptation_state_dict(model)
-        save_checkpoint(model, self.output, state_dict=state, mode=self.mode, iteration=engine.state.iteration)
+        save_checkpoint(
+            model,
+            self.output,
+            state_dict=trained_state_dict(model, self.mode),
+            mode=self.mode,
+            adaptation=getattr(model, ADAPTATION_ATTRIBUTE),
+            iteration=engine.state.iteration,
+        )
         logger.info("Saved %s weights to %s (iteration %d)", self.mode, self.output, engine.state.iteration)
 
 
-def prepare_network(network: MedSam3, ckpt_path: str, tracker_ckpt_path: str, mode: str) -> MedSam3:
-    """Load the starting weights, then add and unfreeze what ``mode`` trains (``full``, ``lora``, ``adapter3d``)."""
-    from .adapters import configure_adaptation
+class TrainingState:
+    """Resumable training: saves and restores everything a run needs to continue exactly where it stopped.
 
-    network = load_network(network, ckpt_path, tracker_ckpt_path)
-    trainable = configure_adaptation(network, mode)
+    ``train_state.pt`` in ``output_dir`` holds the trained weights, the optimiser state, the iteration, the RNG
+    states and the validation's best score; it is written with the weights (every ``every`` iterations and at the
+    end). Given a ``resume`` file, :meth:`attach` restores it into the
+    trainer before it runs: the iteration count continues (``--max_steps`` is the total, so raise it to train
+    longer) and the dataset starts at :meth:`first_sample` (its samples depend only on their index). The config's
+    DataLoader draws from its own generator, so the restored global RNG (dropout) matches an uninterrupted run.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        mode: str,
+        max_steps: int,
+        every: int = 0,
+        resume: str = "",
+        validation: TextPromptValidation | None = None,
+        name: str = "train_state.pt",
+    ) -> None:
+        self.path = Path(output_dir) / name
+        self.mode, self.every, self.validation = mode, every, validation
+        self.saved: dict[str, Any] | None = _read_training_state(resume, mode) if resume else None
+        self.iteration = int(self.saved["iteration"]) if self.saved else 0
+        if self.iteration >= max_steps:
+            raise ValueError(
+                f"{resume} is already at iteration {self.iteration}: --max_steps is the total number of steps, "
+                f"give more than {self.iteration} to train further"
+            )
+
+    def first_sample(self, batch_size: int, world_size: int = 1) -> int:
+        """Index of the first dataset sample still to train on."""
+        return self.iteration * batch_size * world_size
+
+    def attach(self, engine: Engine) -> None:
+        if self.saved is not None:
+            self._restore(engine, self.saved)
+        if self.every > 0:
+            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every), self.save)
+        engine.add_event_handler(Events.COMPLETED, self.save)
+
+    def _restore(self, engine: Engine, saved: dict[str, Any]) -> None:
+        model = unwrap(engine.network)
+        if self.mode == "full":
+            model.load_state_dict(saved["weights"])
+        else:
+            load_adaptation(model, saved["weights"])
+        try:
+            engine.optimizer.load_state_dict(saved["optimizer"])
+        except ValueError as error:
+            raise ValueError(f"Cannot resume the optimiser (changed learning-rate settings?): {error}") from error
+        torch.set_rng_state(saved["rng"]["torch"])
+        if torch.cuda.is_available() and saved["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+        if self.validation is not None:
+            self.validation.best = float(saved["best_dice"])
+        # ignite continues an epoch from state.iteration (modulo epoch_length, which the config sets to max_steps)
+        engine.state.iteration = self.iteration
+        logger.info("Resumed at iteration %d", self.iteration)
+
+    def save(self, engine: Engine) -> None:
+        if not _is_main_process():
+            return
+        model = unwrap(engine.network)
+        payload = {
+            "format": TRAIN_STATE_FORMAT,
+            "mode": self.mode,
+            "iteration": engine.state.iteration,
+            "weights": {k: v.detach().cpu() for k, v in trained_state_dict(model, self.mode).items()},
+            "optimizer": engine.optimizer.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+            "best_dice": self.validation.best if self.validation is not None else -1.0,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(payload, tmp)
+        tmp.replace(self.path)
+        logger.info("Saved the training state to %s (iteration %d)", self.path, engine.state.iteration)
+
+
+def _read_training_state(path: str, mode: str) -> dict[str, Any]:
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for truncated or foreign files
+        raise ValueError(f"Cannot read the training state {path}: {error}") from error
+    if not isinstance(saved, dict) or saved.get("format") != TRAIN_STATE_FORMAT:
+        raise ValueError(f"{path} is not a training state (train_state.pt written by train.json)")
+    if saved["mode"] != mode:
+        raise ValueError(f"{path} was trained in {saved['mode']} mode: resume it with --mode {saved['mode']}")
+    return saved
+
+
+def trained_state_dict(model: MedSam3, mode: str) -> dict[str, torch.Tensor]:
+    """What ``mode`` trains: every weight in ``full`` mode, the LoRA/adapter tensors otherwise (small files)."""
+    return model.state_dict() if mode == "full" else adaptation_state_dict(model)
+
+
+def prepare_network(
+    network: MedSam3, ckpt_path: str, tracker_ckpt_path: str, mode: str, adapter_path: str = ""
+) -> MedSam3:
+    """Load the starting weights, then add and unfreeze what ``mode`` trains (``full``, ``lora``, ``adapter3d``).
+
+    ``adapter_path`` continues from earlier LoRA/adapter weights (trained in the same mode) instead of identity ones.
+    """
+    network = load_network(network, ckpt_path, tracker_ckpt_path, adapter_path or None)
+    if adapter_path:
+        started = getattr(network, ADAPTATION_ATTRIBUTE)["mode"]
+        if started != mode:
+            raise ValueError(f"{adapter_path} holds {started} weights: continue them with --mode {started}")
+        trainable = freeze_for_mode(network, mode)
+    else:
+        trainable = configure_adaptation(network, mode)
     count = sum(p.numel() for p in network.parameters() if p.requires_grad)
     logger.info("Mode %s: %d trainable tensors, %.2fM parameters", mode, len(trainable), count / 1e6)
     return network
@@ -164,12 +326,12 @@ class TextPromptValidation:
             return self.best
         model = unwrap(engine.network)
         segmenter = VolumeSegmenter(Medsam3Predictor(model, score_threshold=self.score_threshold), self.vocabulary)
-        prompts = PromptSet.create(texts=list(self.labels.values()))
         scores = []
         for item in self.items:
-            result = segmenter.segment(read_image(item["image"]), prompts)
+            labels = item_labels(item, self.labels)
+            result = segmenter.segment(read_image(item["image"]), PromptSet.create(texts=list(labels.values())))
             reference = read_image(item["label"]).array
-            for (value, _), row in zip(self.labels.items(), result.labels, strict=True):
+            for value, row in zip(labels, result.labels, strict=True):
                 scores.append(dice(result.label == row["index"], reference == value))
         model.train()
         mean = float(sum(scores) / len(scores))

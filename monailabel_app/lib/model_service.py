@@ -1,4 +1,10 @@
-"""One loaded model shared by every infer task: weights, predictor, encoding cache and a lock around the GPU."""
+"""One loaded model shared by every infer task: weights, predictor, encoding cache and a lock around the GPU.
+
+The model loads on first use (the server loads it at start-up; MONAI Label's training and scoring subprocesses
+only when they need it). Weights the trainer publishes (:mod:`lib.trainers.fine_tuning`) are picked up before
+the next request: an adapter file of the current adaptation loads in place, anything else rebuilds the model,
+and the encoding cache is cleared because encodings depend on the weights.
+"""
 
 from __future__ import annotations
 
@@ -13,15 +19,16 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from scripts.checkpoint import file_if_present, load_network
+from scripts.checkpoint import file_if_present, load_adaptation_file, load_network, read_adaptation_file
 from scripts.encoding_cache import EncodingCache, image_key
 from scripts.image_io import ImageVolume, read_image, write_label
 from scripts.inference import SegmentationResult, VolumeSegmenter
-from scripts.model_builder import build_medsam3
+from scripts.model_builder import MedSam3, build_medsam3
 from scripts.predictor import Medsam3Predictor
 from scripts.prompts import PromptSet
 from scripts.vocabulary import Vocabulary, load_vocabulary
 
+from .published_weights import PublishedWeights
 from .settings import AppSettings
 
 logger = logging.getLogger(__name__)
@@ -39,40 +46,87 @@ class ModelNotReady(RuntimeError):
 class ModelService:
     """Loads the model once (at start-up when its weights are present) and serialises inference on it."""
 
-    def __init__(self, settings: AppSettings) -> None:
+    def __init__(self, settings: AppSettings, published: PublishedWeights) -> None:
         self.settings = settings
+        self.published = published
         self.vocabulary: Vocabulary = load_vocabulary(settings.vocabulary)
         self.cache = EncodingCache(settings.cache_mb * 2**20)
         self._segmenter: VolumeSegmenter | None = None
         self._error: str | None = settings.missing_weights()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._images: OrderedDict[tuple, ImageVolume] = OrderedDict()
-        if self._error is None:
-            self._load()
-            _warm_up_io()
-        else:
+        self._loaded_version: tuple | None = None  # the published weights the model holds
+        self.weights: dict[str, Any] = {}  # what is loaded, for /info and responses
+        if self._error is not None:
             logger.error("Medical SAM3 is not ready: %s", self._error)
 
-    def _load(self) -> None:
-        settings = self.settings
+    def load(self) -> None:
+        """Load the model now (the server does at start-up) and pick up newly published weights."""
+        with self._lock:
+            if self._error is not None:
+                return
+            version = self.published.version()
+            if self._segmenter is not None and version == self._loaded_version:
+                return
+            if self._segmenter is not None and self._reload_adapter(version):
+                return
+            self._load(version)
+
+    def _load(self, version: tuple | None) -> None:
+        fine_tuned = self.published.full_checkpoint() or self.published.adapter()
+        if fine_tuned:
+            try:
+                full = fine_tuned == self.published.full_checkpoint()
+                network = self._build(fine_tuned if full else self.settings.checkpoint, None if full else fine_tuned)
+                self._install(network, version, fine_tuned)
+                return
+            except (ValueError, OSError) as error:  # a bad published file must not take the server down
+                logger.error("Cannot load the fine-tuned weights %s (%s); serving the base model", fine_tuned, error)
         try:
-            network = build_medsam3(settings.model_size, device=settings.device)
-            tracker = "" if settings.random_weights else file_if_present(settings.tracker_checkpoint)
-            network = load_network(network, settings.checkpoint, tracker)
+            self._install(self._build(self.settings.checkpoint, None), version, None)
         except (ValueError, OSError) as error:
             self._error = f"cannot load the model: {error}"
             logger.error("Medical SAM3 is not ready: %s", self._error)
-            return
+
+    def _build(self, checkpoint: str, adapter: str | None) -> MedSam3:
+        settings = self.settings
+        network = build_medsam3(settings.model_size, device=settings.device)
+        tracker = "" if settings.random_weights else file_if_present(settings.tracker_checkpoint)
+        return load_network(network, checkpoint, tracker, adapter)
+
+    def _reload_adapter(self, version: tuple | None) -> bool:
+        """Load a newly published adapter file into the loaded model in place; False when a rebuild is needed."""
+        adapter = self.published.adapter()
+        model = self._segmenter.predictor.model
+        current = getattr(model, "adaptation", None)
+        try:
+            if adapter is None or current is None or current != read_adaptation_file(adapter)[0]:
+                return False
+            load_adaptation_file(model, adapter)
+        except ValueError as error:
+            logger.error("Cannot load the fine-tuned weights %s (%s); rebuilding from the base", adapter, error)
+            return False
+        self._install(model, version, adapter)
+        return True
+
+    def _install(self, network: MedSam3, version: tuple | None, fine_tuned: str | None) -> None:
         predictor = Medsam3Predictor(
             network,
-            batch_size=settings.batch_size,
-            score_threshold=settings.score_threshold,
-            max_empty_slices=settings.max_empty_slices,
+            batch_size=self.settings.batch_size,
+            score_threshold=self.settings.score_threshold,
+            max_empty_slices=self.settings.max_empty_slices,
         )
-        self._segmenter = VolumeSegmenter(predictor, self.vocabulary, plane=settings.plane, cache=self.cache)
+        self.cache.clear()  # encodings of the previous weights
+        self._segmenter = VolumeSegmenter(predictor, self.vocabulary, plane=self.settings.plane, cache=self.cache)
+        self._loaded_version = version
+        self.weights = {"base": self.settings.checkpoint, "fine_tuned": fine_tuned}
+        if fine_tuned:
+            self.weights["fine_tuned_at"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(version[0] / 1e9))
+        logger.info("Medical SAM3 weights: %s", self.weights)
 
     @property
     def ready(self) -> bool:
+        self.load()
         return self._segmenter is not None
 
     @property
@@ -112,9 +166,9 @@ class ModelService:
 
     def run(self, work: Callable[[VolumeSegmenter], T]) -> T:
         """Run ``work`` with the segmenter, holding the model lock (scoring, background jobs)."""
-        if not self.ready:
-            raise ModelNotReady(f"Medical SAM3 is {self.status}")
         with self._lock:
+            if not self.ready:
+                raise ModelNotReady(f"Medical SAM3 is {self.status}")
             return work(self._segmenter)
 
     def segment(self, image_path: str, prompts: PromptSet) -> tuple[ImageVolume, SegmentationResult, dict[str, Any]]:
@@ -125,6 +179,7 @@ class ModelService:
         volume = self._read(image_path)
         read_s = time.perf_counter() - start
         with self._lock:  # one request at a time on the model; the encoding cache is shared
+            self.load()  # newly published fine-tuned weights, if any
             hits = self.cache.hits
             result = self._segmenter.segment(volume, prompts)
             cache_hit = self.cache.hits > hits
@@ -132,7 +187,12 @@ class ModelService:
         return (
             volume,
             result,
-            {**result.summary(), "timings": timings, "encoding_cache": "hit" if cache_hit else "miss"},
+            {
+                **result.summary(),
+                "timings": timings,
+                "encoding_cache": "hit" if cache_hit else "miss",
+                "weights": self.weights,
+            },
         )
 
 

@@ -26,6 +26,7 @@ class AppSettings:
     score_threshold: float = 0.5
     max_empty_slices: int = 5
     cache_mb: int = 4096  # image encodings kept for repeated clicks (least recently used first out)
+    model_dir: str = ""  # fine-tuning runs and published weights; empty = <app>/model, as MONAI Label apps do
 
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> AppSettings:

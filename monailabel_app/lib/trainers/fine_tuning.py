@@ -1,0 +1,197 @@
+"""Fine-tuning on the labels annotators submitted: the bundle's train.json, run by MONAI Label's train task.
+
+``POST /train/medsam3`` makes MONAI Label start ``python -m monailabel.interfaces.utils.app -m train`` (a
+subprocess whose output lines ``GET /train/`` reports, and which ``DELETE /train/`` kills). There this task
+collects the images with a ``final`` label, writes a datalist in which every item carries its own label names
+(Slicer numbers the submitted segments 1..N in the order of its ``label_info``), runs ``bundle/configs/train.json``
+on it and, only when the run finishes, publishes the weights (:class:`lib.published_weights.PublishedWeights`). The
+serving model loads them before its next request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from monai.bundle import ConfigWorkflow
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+from monailabel.interfaces.tasks.train import TrainTask
+
+from scripts import BUNDLE_ROOT
+from scripts.checkpoint import file_if_present
+
+from ..published_weights import PublishedWeights
+from ..settings import AppSettings
+
+logger = logging.getLogger(__name__)
+
+MODES = ["adapter3d", "lora", "full"]  # the first is the default (MONAI Label shows lists as choices)
+PASSED_BY_MONAI_LABEL = {"model", "gpus", "local_rank", "client_id", "bundle_path"}
+STATS_FILE = "train_stats.json"
+IGNORED_NAMES = {"background", ""}
+
+
+class FineTuning(TrainTask):
+    """Fine-tunes Medical SAM3 on ``labels/final`` (3D adapters by default) and publishes the result."""
+
+    def __init__(self, settings: AppSettings, label_values: dict[str, int], model_dir: Path) -> None:
+        super().__init__("Fine-tune Medical SAM3 on the submitted labels (LoRA + 3D adapters by default)")
+        self.settings = settings
+        self.names_by_value = {value: name for name, value in label_values.items()}
+        self.model_dir = model_dir
+        self.published = PublishedWeights(model_dir)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "mode": list(MODES),
+            "max_steps": 200,
+            "batch_size": 1,
+            "lr_backbone": 2e-4,
+            "lr_decoder": 3e-4,
+            "click_rounds": 3,
+            "validation_fraction": 0.2,
+            "continue_from_published": True,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        path = self.model_dir / STATS_FILE
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        options = self._options(request)
+        training, validation = _split(self._items(datastore), options["validation_fraction"])
+        run_dir = self.model_dir / "train" / time.strftime("%Y%m%d_%H%M%S")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        datalist = run_dir / "datalist.json"
+        datalist.write_text(json.dumps({"training": training, "validation": validation}, indent=2))
+        adapter = self.published.adapter() if options["continue_from_published"] else None
+        if adapter and options["mode"] == "full":
+            adapter = None  # full fine-tuning starts from the base checkpoint
+        logger.info(
+            "Fine-tuning (%s, %d steps) on %d labelled images, validating on %d; run folder %s",
+            options["mode"],
+            options["max_steps"],
+            len(training),
+            len(validation),
+            run_dir,
+        )
+        workflow = ConfigWorkflow(
+            config_file=str(BUNDLE_ROOT / "configs" / "train.json"),
+            meta_file=str(BUNDLE_ROOT / "configs" / "metadata.json"),
+            logging_file=False,  # MONAI Label's subprocess logging already reaches /train status
+            workflow_type="train",
+            datalist=str(datalist),
+            output_dir=str(run_dir),
+            mode=options["mode"],
+            model_size=self.settings.model_size,
+            ckpt_path=self.settings.checkpoint,
+            tracker_ckpt_path="" if self.settings.random_weights else file_if_present(self.settings.tracker_checkpoint),
+            adapter_path=adapter or "",
+            vocabulary_file=self.settings.vocabulary,
+            device_name=self.settings.device,
+            max_steps=options["max_steps"],
+            batch_size=options["batch_size"],
+            lr_backbone=options["lr_backbone"],
+            lr_decoder=options["lr_decoder"],
+            click_rounds=options["click_rounds"],
+            val_every="$max(1, @max_steps // 4)" if validation else 0,
+        )
+        workflow.initialize()
+        workflow.run()
+        validation_handler = workflow.parser.get_parsed_content("validation")
+        workflow.finalize()
+        best = run_dir / "model_best.pt"
+        weights = best if validation and best.is_file() else run_dir / "model_final.pt"
+        published = self.published.publish(weights, options["mode"])
+        result = {
+            "mode": options["mode"],
+            "steps": options["max_steps"],
+            "training_images": len(training),
+            "validation_images": len(validation),
+            "best_validation_dice": round(validation_handler.best, 4) if validation else None,
+            "continued_from": adapter,
+            "published": str(published),
+            "run_dir": str(run_dir),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        (self.model_dir / STATS_FILE).write_text(json.dumps(result, indent=2))
+        logger.info("Fine-tuning done: %s", result)
+        return result
+
+    def _options(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The request's options over the defaults, type-checked; unknown options are refused."""
+        defaults = self.config()
+        unknown = sorted(set(request) - set(defaults) - PASSED_BY_MONAI_LABEL)
+        if unknown:
+            raise ValueError(f"Unknown training options {unknown}; the trainer takes {sorted(defaults)}")
+        options = {}
+        for key, default in defaults.items():
+            value = request.get(key, default)
+            if isinstance(default, list):
+                value = default[0] if value == default else value
+                if value not in default:
+                    raise ValueError(f"{key} must be one of {default}, got {value!r}")
+            else:
+                try:
+                    value = _as_bool(value) if isinstance(default, bool) else type(default)(value)
+                except (TypeError, ValueError) as error:
+                    raise ValueError(f"{key} expects a {type(default).__name__}, got {value!r}") from error
+            options[key] = value
+        if options["max_steps"] < 1 or options["batch_size"] < 1 or not 0 <= options["validation_fraction"] < 1:
+            raise ValueError("max_steps and batch_size must be >= 1 and validation_fraction in [0, 1)")
+        return options
+
+    def _items(self, datastore: Datastore) -> list[dict[str, Any]]:
+        """One datalist item per image with a final label, with the names of that label's values."""
+        items = []
+        for image_id in sorted(datastore.get_labeled_images(DefaultLabelTag.FINAL)):
+            label_id = datastore.get_label_by_image_id(image_id, DefaultLabelTag.FINAL)
+            info = datastore.get_label_info(label_id, DefaultLabelTag.FINAL)
+            labels = self._label_names(info.get("label_info"))
+            if not labels:
+                logger.warning("Skipping %s: its label names no structure", image_id)
+                continue
+            items.append(
+                {
+                    "image": datastore.get_image_uri(image_id),
+                    "label": datastore.get_label_uri(label_id, DefaultLabelTag.FINAL),
+                    "labels": labels,
+                }
+            )
+        if not items:
+            raise ValueError(
+                "No submitted labels to train on: save at least one final label (Submit Label in Slicer) first"
+            )
+        return items
+
+    def _label_names(self, label_info: Any) -> dict[str, str]:
+        """Slicer sends ``label_info`` [{"name": ...}] with voxel value i + 1 for the i-th entry; without it the
+        values are the app's own (those /info lists)."""
+        if isinstance(label_info, list) and label_info:
+            named = {str(i): str(entry.get("name", "")).strip() for i, entry in enumerate(label_info, start=1)}
+        else:
+            named = {str(value): name for value, name in self.names_by_value.items()}
+        return {value: name for value, name in named.items() if name.lower() not in IGNORED_NAMES}
+
+
+def _split(items: list[dict[str, Any]], fraction: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Hold out every k-th image (k = 1 / fraction) for validation once there are enough to spare."""
+    count = int(len(items) * fraction)
+    if count == 0 or len(items) - count < 1:
+        return items, []
+    step = len(items) / count
+    held = {int(i * step) for i in range(count)}
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(value)
