@@ -14,12 +14,14 @@ from lib.infers.auto_segmentation import AutoSegmentation  # noqa: E402
 from lib.infers.interactive import InteractiveSegmentation, roi_mask  # noqa: E402
 from lib.infers.vista3d_prompts import Vista3dPrompts  # noqa: E402
 from lib.model_service import ModelService  # noqa: E402
+from lib.published_weights import PublishedWeights  # noqa: E402
 from lib.settings import AppSettings  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def service() -> ModelService:
-    return ModelService(AppSettings.from_conf({"model_size": "tiny", "checkpoint": "random", "device": "cpu"}))
+def service(tmp_path_factory) -> ModelService:
+    settings = AppSettings.from_conf({"model_size": "tiny", "checkpoint": "random", "device": "cpu"})
+    return ModelService(settings, PublishedWeights(tmp_path_factory.mktemp("model")))
 
 
 def test_settings_are_typed_and_checked() -> None:

@@ -1,0 +1,118 @@
+"""The app's fine-tuning pieces without a server: trainer options, Slicer label names, publishing and hot reload."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import tiny_model
+from monailabel.datastore.local import LocalDatastore
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "monailabel_app"))
+
+from lib.model_service import ModelService  # noqa: E402
+from lib.published_weights import ADAPTER_FILE, FULL_FILE, PublishedWeights  # noqa: E402
+from lib.settings import AppSettings  # noqa: E402
+from lib.trainers.fine_tuning import FineTuning, _split  # noqa: E402
+
+from scripts.adapters import adaptation_state_dict, configure_adaptation  # noqa: E402
+from scripts.checkpoint import save_checkpoint  # noqa: E402
+from scripts.phantom import write_phantom  # noqa: E402
+from scripts.prompts import PromptSet  # noqa: E402
+
+SETTINGS = AppSettings.from_conf({"model_size": "tiny", "checkpoint": "random", "device": "cpu"})
+LABELS = {"liver": 1, "spleen": 2}
+
+
+def _adapter_file(path: Path, seed: int, mode: str = "lora") -> Path:
+    """An adapter file as train.json writes it, with non-zero (so visible) LoRA updates."""
+    model = tiny_model()
+    configure_adaptation(model, mode)
+    generator = np.random.default_rng(seed)
+    state = {k: v + float(generator.normal()) * 0.05 for k, v in adaptation_state_dict(model).items()}
+    return save_checkpoint(model, path, state_dict=state, mode=mode, adaptation=model.adaptation)
+
+
+def test_trainer_options_are_checked(tmp_path) -> None:
+    trainer = FineTuning(SETTINGS, LABELS, tmp_path)
+    options = trainer._options({"model": "medsam3", "gpus": "all", "max_steps": "50", "mode": "lora"})
+    assert options["max_steps"] == 50 and options["mode"] == "lora" and options["continue_from_published"] is True
+    assert trainer._options({"mode": ["adapter3d", "lora", "full"]})["mode"] == "adapter3d"  # Slicer's default
+    assert trainer._options({"continue_from_published": "false"})["continue_from_published"] is False
+    with pytest.raises(ValueError, match=r"Unknown training options \['epochs'\]"):
+        trainer._options({"epochs": 3})
+    with pytest.raises(ValueError, match="mode must be one of"):
+        trainer._options({"mode": "qlora"})
+    with pytest.raises(ValueError, match="max_steps expects a int, got 'many'"):
+        trainer._options({"max_steps": "many"})
+    with pytest.raises(ValueError, match="max_steps and batch_size must be >= 1"):
+        trainer._options({"max_steps": 0})
+
+
+def test_trainer_reads_slicer_label_names(tmp_path) -> None:
+    """Voxel value i is the i-th entry of label_info (Slicer's idx is ignored); without it, the app's values."""
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    datastore = LocalDatastore(str(studies), extensions=("*.nii.gz",))
+    trainer = FineTuning(SETTINGS, LABELS, tmp_path / "model")
+    with pytest.raises(ValueError, match="No submitted labels to train on"):
+        trainer._items(datastore)
+    for name in ("a", "b", "c"):
+        image, label = write_phantom(tmp_path / "phantoms", name, shape=(16, 16, 4))
+        datastore.add_image(name, str(image), {})
+        info = {"a": {"label_info": [{"name": "spleen", "idx": 2}, {"name": "Background"}, {"name": "aorta"}]}}
+        datastore.save_label(name, str(label), "final", info.get(name, {}))
+    items = {Path(item["image"]).name: item for item in trainer._items(datastore)}
+    assert items["a.nii.gz"]["labels"] == {"1": "spleen", "3": "aorta"}
+    assert items["b.nii.gz"]["labels"] == {"1": "liver", "2": "spleen"}
+    assert Path(items["b.nii.gz"]["label"]).is_file()
+
+
+def test_validation_split() -> None:
+    assert _split(list(range(4)), 0.2) == (list(range(4)), [])  # too few images to hold one out
+    training, validation = _split(list(range(10)), 0.2)
+    assert len(validation) == 2 and sorted(training + validation) == list(range(10))
+    assert _split(list(range(10)), 0.0) == (list(range(10)), [])
+
+
+def test_published_weights_are_replaced_whole(tmp_path) -> None:
+    published = PublishedWeights(tmp_path / "model")
+    assert published.version() is None and published.adapter() is None
+    published.publish(_adapter_file(tmp_path / "run" / "model_final.pt", 0), "lora")
+    first = published.version()
+    assert published.adapter() == str(tmp_path / "model" / ADAPTER_FILE) and first is not None
+    full = save_checkpoint(tiny_model(), tmp_path / "run" / "full.pt")
+    published.publish(full, "full")
+    assert published.adapter() is None and published.full_checkpoint() == str(tmp_path / "model" / FULL_FILE)
+    assert published.version() != first and not list((tmp_path / "model").glob("*.partial"))
+
+
+def test_service_serves_newly_published_weights(tmp_path) -> None:
+    published = PublishedWeights(tmp_path / "model")
+    service = ModelService(SETTINGS, published)
+    image, _ = write_phantom(tmp_path, "ct", shape=(24, 24, 6))
+    prompts = PromptSet.create(texts=["liver"])
+
+    def scores() -> tuple[float, dict]:
+        _, result, summary = service.segment(str(image), prompts)
+        return result.labels[0]["score"], summary
+
+    base, summary = scores()
+    assert summary["weights"]["fine_tuned"] is None and scores()[1]["encoding_cache"] == "hit"
+    published.publish(_adapter_file(tmp_path / "run1.pt", seed=1), "lora")
+    tuned, summary = scores()
+    assert summary["weights"]["fine_tuned"] == published.adapter() and summary["encoding_cache"] == "miss"
+    assert tuned != base
+    model = service._segmenter.predictor.model
+    published.publish(_adapter_file(tmp_path / "run2.pt", seed=2), "lora")
+    retuned, _ = scores()
+    assert service._segmenter.predictor.model is model and retuned not in (base, tuned)  # loaded in place
+    published.publish(_adapter_file(tmp_path / "run3.pt", seed=3, mode="adapter3d"), "adapter3d")
+    scores()
+    assert service._segmenter.predictor.model is not model  # another adaptation: rebuilt from the base
+    assert service._segmenter.predictor.model.adaptation["mode"] == "adapter3d"
+    (tmp_path / "model" / ADAPTER_FILE).write_bytes(b"truncated")  # a broken file: the base model serves
+    again, summary = scores()
+    assert summary["weights"]["fine_tuned"] is None and again == pytest.approx(base, abs=1e-6)
