@@ -41,7 +41,7 @@ class _Engine:
 
 def run_mode(mode: str, args: argparse.Namespace, items: list[dict], device: torch.device) -> dict:
     model = build_medsam3(args.model_size, device=device)
-    configure_adaptation(model, mode)
+    configure_adaptation(model, mode, heads=args.train_heads)
     clip = 3 if mode == "adapter3d" else 1
     vocabulary = load_vocabulary()
     dataset = SlicePromptDataset(items, LABELS, vocabulary, model.image_size, args.steps * args.batch_size, clip=clip)
@@ -83,6 +83,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--click_rounds", type=int, default=3, help="simulated box/click rounds (0: text only)")
+    parser.add_argument(
+        "--train_heads", type=int, default=1, help="adapter modes also train the heads (1, as train.json)"
+    )
     parser.add_argument("--modes", nargs="+", default=["full", "lora", "adapter3d"])
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
@@ -100,6 +103,7 @@ def main() -> None:
         "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
         "batch_size": args.batch_size,
         "click_rounds": args.click_rounds,
+        "train_heads": bool(args.train_heads),
         "modes": modes,
         "peak_memory_kind": "GPU allocated" if device.type == "cuda" else "process max RSS (cumulative over modes)",
     }

@@ -10,6 +10,7 @@ from helpers import tiny_model
 from torch import nn
 
 from scripts.adapters import (
+    HEAD_PREFIXES,
     LORA_TARGETS,
     LoRALinear,
     SliceAdapter3D,
@@ -250,3 +251,22 @@ def test_bad_input_is_refused() -> None:
         LoRALinear(nn.Linear(4, 4), rank=0)
     with pytest.raises(ValueError, match="no image encoder"):
         apply_lora(nn.Linear(4, 4))
+
+
+def test_heads_train_and_save_with_the_adapters(tmp_path: Path) -> None:
+    """heads=True (train.json's default) also trains the decoder and heads, and saves and reloads them."""
+    model = adapted_model("lora", heads=True)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert {prefix for prefix in HEAD_PREFIXES if any(n.startswith(prefix) for n in trainable)} == set(HEAD_PREFIXES)
+    assert not any(
+        n.startswith((f"{TRUNK}.", "detector.backbone.language_backbone")) and "lora_" not in n for n in trainable
+    )
+    state = adaptation_state_dict(model)
+    assert set(trainable) <= set(state) and model.adaptation["heads"] is True
+    head = next(key for key in state if key.startswith("tracker.sam_mask_decoder."))
+    path = save_checkpoint(model, tmp_path / "adapter.pt", state_dict={**state, head: state[head] + 1.0})
+    fresh = adapted_model("lora", heads=True)
+    load_adaptation(fresh, read_state_dict(path))
+    torch.testing.assert_close(fresh.state_dict()[head], state[head] + 1.0)
+    with pytest.raises(ValueError, match="unexpected keys"):
+        load_adaptation(adapted_model("lora"), read_state_dict(path))  # adapters only: the heads are not its to load

@@ -35,6 +35,7 @@ from torch import nn
 __all__ = [
     "ADAPTATION_ATTRIBUTE",
     "ADAPTER_NAME",
+    "HEAD_PREFIXES",
     "LORA_TARGETS",
     "MODES",
     "LoRALinear",
@@ -56,6 +57,15 @@ LORA_PARAMETERS = ("lora_A", "lora_B")
 ADAPTER_NAME = "adapter3d"  # child module name of the 3D adapter inside a ViT block
 MODES = ("full", "lora", "adapter3d")
 ADAPTATION_ATTRIBUTE = "adaptation"  # the configure_adaptation arguments, recorded on the model
+# Trained with the adapters when ``heads=True`` (MA-SAM also trains SAM's mask decoder): the detector's DETR decoder,
+# mask and scoring heads, and the tracker's prompt encoder and mask decoder (boxes and clicks).
+HEAD_PREFIXES = (
+    "detector.transformer.decoder.",
+    "detector.segmentation_head.",
+    "detector.dot_prod_scoring.",
+    "tracker.sam_prompt_encoder.",
+    "tracker.sam_mask_decoder.",
+)
 
 
 class LoRALinear(nn.Module):
@@ -261,9 +271,10 @@ def _check_mode(mode: str) -> None:
 def freeze_for_mode(model: nn.Module, mode: str) -> list[str]:
     """Set ``requires_grad`` for a fine-tuning mode and return the names of the trainable parameters.
 
-    ``full``: every parameter, text encoder and any adaptation included. ``lora``: the LoRA parameters only.
-    ``adapter3d``: the 3D adapters and the LoRA parameters. The adaptation a mode trains must already be applied
-    (:func:`configure_adaptation` does both).
+    ``full``: every parameter, text encoder and any adaptation included. ``lora``: the LoRA parameters.
+    ``adapter3d``: the 3D adapters and the LoRA parameters. Adapter modes also train the heads
+    (:data:`HEAD_PREFIXES`) when the model was adapted with ``heads=True``. The adaptation a mode trains must already
+    be applied (:func:`configure_adaptation` does both).
     """
     _check_mode(mode)
     names = [name for name, _ in model.named_parameters()]
@@ -276,11 +287,16 @@ def freeze_for_mode(model: nn.Module, mode: str) -> list[str]:
                 f"Mode {mode!r} has nothing to train: apply it first with configure_adaptation(model, {mode!r})"
             )
         trained = _is_lora_key if mode == "lora" else is_adaptation_key
-        trainable = [name for name in names if trained(name)]
+        heads = _trains_heads(model)
+        trainable = [name for name in names if trained(name) or (heads and name.startswith(HEAD_PREFIXES))]
     chosen = set(trainable)
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name in chosen)
     return trainable
+
+
+def _trains_heads(model: nn.Module) -> bool:
+    return bool((getattr(model, ADAPTATION_ATTRIBUTE, None) or {}).get("heads", False))
 
 
 def configure_adaptation(
@@ -290,12 +306,14 @@ def configure_adaptation(
     alpha: float = 16.0,
     bottleneck: int = 32,
     kernel: Sequence[int] = (3, 1, 1),
+    heads: bool = False,
 ) -> list[str]:
     """Apply what ``mode`` needs, freeze the rest and return the names of the trainable parameters.
 
     ``full`` adds nothing (everything trains), ``lora`` adds LoRA (``rank``, ``alpha``), ``adapter3d`` adds LoRA and
-    3D adapters (``bottleneck``, ``kernel``). Call it once per model, before building the optimiser; the arguments
-    are recorded as ``model.adaptation`` (:data:`ADAPTATION_ATTRIBUTE`).
+    3D adapters (``bottleneck``, ``kernel``); ``heads`` also trains (and saves) the decoder and heads in those modes.
+    Call it once per model, before building the optimiser; the arguments are recorded as ``model.adaptation``
+    (:data:`ADAPTATION_ATTRIBUTE`).
     """
     _check_mode(mode)
     if getattr(model, ADAPTATION_ATTRIBUTE, None) is not None:
@@ -303,7 +321,7 @@ def configure_adaptation(
     config: dict[str, object] = {"mode": mode}
     if mode in ("lora", "adapter3d"):
         apply_lora(model, rank=rank, alpha=alpha)
-        config.update(rank=rank, alpha=alpha)
+        config.update(rank=rank, alpha=alpha, heads=heads)
     if mode == "adapter3d":
         apply_3d_adapters(model, bottleneck=bottleneck, kernel=kernel)
         config.update(bottleneck=bottleneck, kernel=list(kernel))
@@ -313,8 +331,13 @@ def configure_adaptation(
 
 
 def adaptation_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA and 3D-adapter tensors only: what an adapter-mode fine-tuning run needs to save."""
-    state = {key: value for key, value in model.state_dict().items() if is_adaptation_key(key)}
+    """The LoRA and 3D-adapter tensors (and the heads, if trained): what an adapter-mode run needs to save."""
+    heads = _trains_heads(model)
+    state = {
+        key: value
+        for key, value in model.state_dict().items()
+        if is_adaptation_key(key) or (heads and key.startswith(HEAD_PREFIXES))
+    }
     if not state:
         raise ValueError("The model has no LoRA or 3D adapter parameters; call configure_adaptation first")
     return state
@@ -328,7 +351,7 @@ def load_adaptation(model: nn.Module, state_dict: Mapping[str, torch.Tensor], st
     """Load adaptation tensors (from :func:`adaptation_state_dict`) into a model given the same adaptation.
 
     Raises ValueError naming unexpected keys, shape mismatches and, when ``strict``, adaptation keys left missing.
-    Base weights are not touched: load them with :func:`scripts.checkpoint.load_checkpoint`.
+    Other base weights are not touched: load them with :func:`scripts.checkpoint.load_checkpoint`.
     """
     expected = adaptation_state_dict(model)
     if not state_dict:

@@ -269,20 +269,25 @@ def trained_state_dict(model: MedSam3, mode: str) -> dict[str, torch.Tensor]:
 
 
 def prepare_network(
-    network: MedSam3, ckpt_path: str, tracker_ckpt_path: str, mode: str, adapter_path: str = ""
+    network: MedSam3, ckpt_path: str, tracker_ckpt_path: str, mode: str, adapter_path: str = "", heads: bool = True
 ) -> MedSam3:
     """Load the starting weights, then add and unfreeze what ``mode`` trains (``full``, ``lora``, ``adapter3d``).
 
-    ``adapter_path`` continues from earlier LoRA/adapter weights (trained in the same mode) instead of identity ones.
+    ``heads``: adapter modes also train the decoder and heads (MA-SAM trains SAM's mask decoder too).
+    ``adapter_path`` continues from earlier adapter weights (same mode and heads) instead of identity ones.
     """
     network = load_network(network, ckpt_path, tracker_ckpt_path, adapter_path or None)
     if adapter_path:
-        started = getattr(network, ADAPTATION_ATTRIBUTE)["mode"]
-        if started != mode:
-            raise ValueError(f"{adapter_path} holds {started} weights: continue them with --mode {started}")
+        config = getattr(network, ADAPTATION_ATTRIBUTE)
+        if config["mode"] != mode:
+            raise ValueError(
+                f"{adapter_path} holds {config['mode']} weights: continue them with --mode {config['mode']}"
+            )
+        if config["heads"] != heads:
+            raise ValueError(f"{adapter_path} was trained with train_heads={config['heads']}: continue it with that")
         trainable = freeze_for_mode(network, mode)
     else:
-        trainable = configure_adaptation(network, mode)
+        trainable = configure_adaptation(network, mode, heads=heads)
     count = sum(p.numel() for p in network.parameters() if p.requires_grad)
     logger.info("Mode %s: %d trainable tensors, %.2fM parameters", mode, len(trainable), count / 1e6)
     return network
