@@ -43,7 +43,8 @@ def _datalist(root: Path, cases: int, held_out: int) -> Path:
         image, label = write_phantom(root, f"case{seed}", shape=(64, 64, 16), seed=seed)
         items.append({"image": str(image), "label": str(label)})
     path = root / "datalist.json"
-    path.write_text(json.dumps({"training": items[:cases], "validation": items[cases:], "labels": LABELS}))
+    held = items[cases:]
+    path.write_text(json.dumps({"training": items[:cases], "validation": held, "testing": held, "labels": LABELS}))
     return path
 
 
