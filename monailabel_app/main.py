@@ -16,7 +16,7 @@ from lib.errors import install_error_handlers
 from lib.infers.auto_segmentation import AutoSegmentation
 from lib.infers.interactive import InteractiveSegmentation
 from lib.infers.vista3d_prompts import Vista3dPrompts
-from lib.model_service import ModelService
+from lib.model_service import ModelService, warm_up_io
 from lib.published_weights import PublishedWeights
 from lib.settings import AppSettings, names
 from lib.trainers.fine_tuning import FineTuning
@@ -73,5 +73,6 @@ class Medsam3App(MONAILabelApp):
         """The server (not MONAI Label's training subprocess) loads the model at start-up."""
         install_error_handlers()
         self.service.load()
+        warm_up_io()
         super().on_init_complete()
         logger.info("Medical SAM3 (%s, %s): %s", self.settings.model_size, self.settings.device, self.service.status)

@@ -79,14 +79,21 @@ def test_validation_split() -> None:
 
 def test_published_weights_are_replaced_whole(tmp_path) -> None:
     published = PublishedWeights(tmp_path / "model")
-    assert published.version() is None and published.adapter() is None
+    assert published.current() == (None, None, None)
     published.publish(_adapter_file(tmp_path / "run" / "model_final.pt", 0), "lora")
-    first = published.version()
-    assert published.adapter() == str(tmp_path / "model" / ADAPTER_FILE) and first is not None
-    full = save_checkpoint(tiny_model(), tmp_path / "run" / "full.pt")
-    published.publish(full, "full")
-    assert published.adapter() is None and published.full_checkpoint() == str(tmp_path / "model" / FULL_FILE)
-    assert published.version() != first and not list((tmp_path / "model").glob("*.partial"))
+    first, adapter, full = published.current()
+    assert adapter == str(tmp_path / "model" / ADAPTER_FILE) and full is None and first is not None
+    published.publish(save_checkpoint(tiny_model(), tmp_path / "run" / "full.pt"), "full")
+    version, adapter, full = published.current()
+    assert adapter is None and full == str(tmp_path / "model" / FULL_FILE) and version != first
+    assert not list((tmp_path / "model").glob("*.partial"))
+    # Both present (a swap in progress): the newest is served, and the version changes when the other goes.
+    published.publish(_adapter_file(tmp_path / "run" / "model_final.pt", 1), "lora")
+    (tmp_path / "model" / FULL_FILE).write_bytes((tmp_path / "run" / "full.pt").read_bytes())
+    both, adapter, full = published.current()
+    assert full == str(tmp_path / "model" / FULL_FILE) and adapter is None
+    (tmp_path / "model" / FULL_FILE).unlink()
+    assert published.current()[0] != both and published.current()[1] is not None
 
 
 def test_service_serves_newly_published_weights(tmp_path) -> None:
@@ -103,7 +110,7 @@ def test_service_serves_newly_published_weights(tmp_path) -> None:
     assert summary["weights"]["fine_tuned"] is None and scores()[1]["encoding_cache"] == "hit"
     published.publish(_adapter_file(tmp_path / "run1.pt", seed=1), "lora")
     tuned, summary = scores()
-    assert summary["weights"]["fine_tuned"] == published.adapter() and summary["encoding_cache"] == "miss"
+    assert summary["weights"]["fine_tuned"] == published.current()[1] and summary["encoding_cache"] == "miss"
     assert tuned != base
     model = service._segmenter.predictor.model
     published.publish(_adapter_file(tmp_path / "run2.pt", seed=2), "lora")
@@ -116,3 +123,4 @@ def test_service_serves_newly_published_weights(tmp_path) -> None:
     (tmp_path / "model" / ADAPTER_FILE).write_bytes(b"truncated")  # a broken file: the base model serves
     again, summary = scores()
     assert summary["weights"]["fine_tuned"] is None and again == pytest.approx(base, abs=1e-6)
+    assert "truncated" in summary["weights"]["load_errors"][0] or "Cannot read" in summary["weights"]["load_errors"][0]

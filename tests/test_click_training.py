@@ -152,7 +152,7 @@ def test_loss_trains_the_sam_heads_through_forward() -> None:
     with device_fallbacks(CPU):
         out = model(images, ["liver", "spleen"], targets, ClickSimulation(rounds=2), np.random.default_rng(0))
         terms = ClickPromptLoss()(out, targets)
-    assert set(terms) == {"click_mask", "click_iou", "click_object", "loss"}
+    assert set(terms) == {"click_mask", "click_iou", "loss"}
     assert all(torch.isfinite(v) for v in terms.values()) and terms["loss"] > 0
     terms["loss"].backward()
     for module in (model.tracker.sam_mask_decoder, model.tracker.sam_prompt_encoder):

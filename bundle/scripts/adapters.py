@@ -316,6 +316,8 @@ def configure_adaptation(
     (:data:`ADAPTATION_ATTRIBUTE`).
     """
     _check_mode(mode)
+    if not isinstance(heads, bool):
+        raise ValueError(f"heads must be True or False, got {heads!r}")
     if getattr(model, ADAPTATION_ATTRIBUTE, None) is not None:
         raise ValueError(f"The model is already adapted ({getattr(model, ADAPTATION_ATTRIBUTE)})")
     config: dict[str, object] = {"mode": mode}

@@ -224,19 +224,18 @@ class ClickPromptLoss(nn.Module):
 
     Per round: focal + Dice on the candidate mask that fits best (SAM backpropagates only the best of its
     multimask outputs, so the candidates can specialise), MSE between every candidate's predicted IoU and its
-    actual IoU (thresholded at 0; the predictor picks the candidate by this prediction), and BCE of the object
-    score against "the target is present".
+    actual IoU (thresholded at 0; the predictor picks the candidate by this prediction). The object score is not
+    trained here: every simulated round shows a present structure, so it would only learn "always present", and
+    propagation relies on it to stop where the structure ends.
 
     Args:
         focal_weight, dice_weight: weights inside MONAI's ``DiceFocalLoss`` (SAM 2 uses 20 : 1).
-        iou_weight, object_weight: weights of the IoU-prediction and object-score terms.
+        iou_weight: weight of the IoU-prediction term.
     """
 
-    def __init__(
-        self, focal_weight: float = 20.0, dice_weight: float = 1.0, iou_weight: float = 1.0, object_weight: float = 1.0
-    ) -> None:
+    def __init__(self, focal_weight: float = 20.0, dice_weight: float = 1.0, iou_weight: float = 1.0) -> None:
         super().__init__()
-        self.weights = {"click_mask": 1.0, "click_iou": iou_weight, "click_object": object_weight}
+        self.weights = {"click_mask": 1.0, "click_iou": iou_weight}
         self.dice_focal = DiceFocalLoss(
             sigmoid=True, reduction="none", gamma=2.0, lambda_dice=dice_weight, lambda_focal=focal_weight
         )
@@ -244,13 +243,13 @@ class ClickPromptLoss(nn.Module):
     def forward(self, outputs: dict, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """``outputs``: :meth:`MedSam3.forward`'s, with ``click_rounds``; ``targets``: the N x S x S click targets.
 
-        Returns the weighted ``loss`` and the terms ``click_mask``, ``click_iou``, ``click_object``. Without any
+        Returns the weighted ``loss`` and the terms ``click_mask`` and ``click_iou``. Without any
         round (no visible target) all are zeros that keep the graph, so ``backward`` still works.
         """
         rounds = outputs["click_rounds"]
         if not rounds:
             zero = outputs["pred_masks"].float().mean() * 0.0
-            return {"click_mask": zero, "click_iou": zero, "click_object": zero, "loss": zero}
+            return {"click_mask": zero, "click_iou": zero, "loss": zero}
         low = low_res_targets(targets, rounds[0]["mask_logits"].shape[-1])
         per_round = [self._round_terms(r, low[r["pairs"]]) for r in rounds]
         terms = {name: torch.stack([t[name] for t in per_round]).mean() for name in self.weights}
@@ -266,9 +265,7 @@ class ClickPromptLoss(nn.Module):
             inter = (predicted & expanded.bool()).flatten(2).sum(-1)
             union = (predicted | expanded.bool()).flatten(2).sum(-1)
             actual_iou = inter / union.clamp_min(1)
-        present = target.flatten(1).any(dim=1, keepdim=True).float()
         return {
             "click_mask": per_mask.min(dim=1).values.mean(),
             "click_iou": F.mse_loss(out["iou_predictions"].float(), actual_iou),
-            "click_object": F.binary_cross_entropy_with_logits(out["object_score_logits"].float(), present),
         }

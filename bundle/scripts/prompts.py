@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["PromptSet", "parse_list_argument"]
+__all__ = ["PromptSet", "parse_flag", "parse_list_argument"]
 
 
 @dataclass(frozen=True)
@@ -169,3 +169,15 @@ def parse_list_argument(value: object, name: str) -> list | None:
             raise ValueError(f"--{name} is not a valid list: {value!r}") from error
         return list(parsed) if isinstance(parsed, (list, tuple)) else [parsed]
     raise ValueError(f"--{name} must be a list, got {type(value).__name__}")
+
+
+def parse_flag(value: object, name: str) -> bool:
+    """A yes/no option: a bool, or the strings ``monai.bundle run`` and HTTP clients pass (``false``, ``0``, ...)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ValueError(f"{name} must be true or false, got {value!r}")

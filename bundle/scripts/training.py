@@ -34,6 +34,7 @@ from .cpu_compat import device_fallbacks
 from .losses import TextPromptLoss
 from .model_builder import MedSam3
 from .predictor import precision
+from .prompts import parse_flag
 from .training_data import item_labels
 
 __all__ = [
@@ -269,13 +270,19 @@ def trained_state_dict(model: MedSam3, mode: str) -> dict[str, torch.Tensor]:
 
 
 def prepare_network(
-    network: MedSam3, ckpt_path: str, tracker_ckpt_path: str, mode: str, adapter_path: str = "", heads: bool = True
+    network: MedSam3,
+    ckpt_path: str,
+    tracker_ckpt_path: str,
+    mode: str,
+    adapter_path: str = "",
+    heads: bool | str = True,
 ) -> MedSam3:
     """Load the starting weights, then add and unfreeze what ``mode`` trains (``full``, ``lora``, ``adapter3d``).
 
     ``heads``: adapter modes also train the decoder and heads (MA-SAM trains SAM's mask decoder too).
     ``adapter_path`` continues from earlier adapter weights (same mode and heads) instead of identity ones.
     """
+    heads = parse_flag(heads, "train_heads")
     network = load_network(network, ckpt_path, tracker_ckpt_path, adapter_path or None)
     if adapter_path:
         config = getattr(network, ADAPTATION_ATTRIBUTE)

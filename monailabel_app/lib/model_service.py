@@ -61,32 +61,38 @@ class ModelService:
             logger.error("Medical SAM3 is not ready: %s", self._error)
 
     def load(self) -> None:
-        """Load the model now (the server does at start-up) and pick up newly published weights."""
+        """Load the model if it is not yet (the server does at start-up), then any newly published weights."""
         with self._lock:
             if self._error is not None:
                 return
-            version = self.published.version()
+            version, adapter, full = self.published.current()
             if self._segmenter is not None and version == self._loaded_version:
                 return
-            if self._segmenter is not None and self._reload_adapter(version):
+            self._loaded_version = version  # a file that fails to load is not retried until it changes
+            if self._segmenter is not None and adapter and self._reload_adapter(adapter):
                 return
-            self._load(version)
+            self._load(adapter, full)
 
-    def _load(self, version: tuple | None) -> None:
-        fine_tuned = self.published.full_checkpoint() or self.published.adapter()
-        if fine_tuned:
+    def _load(self, adapter: str | None, full: str | None) -> None:
+        """Build the model with the published weights, else the base; a failure keeps what is being served."""
+        base = self.settings.checkpoint
+        attempts = [(full or base, adapter, full or adapter)] if adapter or full else []
+        errors = []
+        for checkpoint, adapter_file, fine_tuned in [*attempts, (base, None, None)]:
             try:
-                full = fine_tuned == self.published.full_checkpoint()
-                network = self._build(fine_tuned if full else self.settings.checkpoint, None if full else fine_tuned)
-                self._install(network, version, fine_tuned)
-                return
-            except (ValueError, OSError) as error:  # a bad published file must not take the server down
-                logger.error("Cannot load the fine-tuned weights %s (%s); serving the base model", fine_tuned, error)
-        try:
-            self._install(self._build(self.settings.checkpoint, None), version, None)
-        except (ValueError, OSError) as error:
-            self._error = f"cannot load the model: {error}"
-            logger.error("Medical SAM3 is not ready: %s", self._error)
+                network = self._build(checkpoint, adapter_file)
+            except Exception as error:  # noqa: BLE001 - a bad file or out-of-memory must not take the server down
+                logger.error("Cannot load the Medical SAM3 weights %s: %s", fine_tuned or checkpoint, error)
+                errors.append(f"{fine_tuned or checkpoint}: {error}")
+                continue
+            self._install(network, fine_tuned)
+            if errors:
+                self.weights["load_errors"] = errors
+            return
+        if self._segmenter is None:
+            self._error = f"cannot load the model: {errors[-1]}"
+        else:
+            self.weights["load_errors"] = errors  # still serving the previous weights
 
     def _build(self, checkpoint: str, adapter: str | None) -> MedSam3:
         settings = self.settings
@@ -94,22 +100,21 @@ class ModelService:
         tracker = "" if settings.random_weights else file_if_present(settings.tracker_checkpoint)
         return load_network(network, checkpoint, tracker, adapter)
 
-    def _reload_adapter(self, version: tuple | None) -> bool:
-        """Load a newly published adapter file into the loaded model in place; False when a rebuild is needed."""
-        adapter = self.published.adapter()
+    def _reload_adapter(self, adapter: str) -> bool:
+        """Load a newly published adapter into the served model in place when it has the same adaptation."""
         model = self._segmenter.predictor.model
-        current = getattr(model, "adaptation", None)
         try:
-            if adapter is None or current is None or current != read_adaptation_file(adapter)[0]:
-                return False
+            config, _, _ = read_adaptation_file(adapter)
+            if getattr(model, "adaptation", None) != config:
+                return False  # another adaptation (or none): rebuild
             load_adaptation_file(model, adapter)
         except ValueError as error:
-            logger.error("Cannot load the fine-tuned weights %s (%s); rebuilding from the base", adapter, error)
+            logger.error("Cannot load the fine-tuned weights %s (%s); rebuilding", adapter, error)
             return False
-        self._install(model, version, adapter)
+        self._install(model, adapter)
         return True
 
-    def _install(self, network: MedSam3, version: tuple | None, fine_tuned: str | None) -> None:
+    def _install(self, network: MedSam3, fine_tuned: str | None) -> None:
         predictor = Medsam3Predictor(
             network,
             batch_size=self.settings.batch_size,
@@ -118,15 +123,14 @@ class ModelService:
         )
         self.cache.clear()  # encodings of the previous weights
         self._segmenter = VolumeSegmenter(predictor, self.vocabulary, plane=self.settings.plane, cache=self.cache)
-        self._loaded_version = version
-        self.weights = {"base": self.settings.checkpoint, "fine_tuned": fine_tuned}
-        if fine_tuned:
-            self.weights["fine_tuned_at"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(version[0] / 1e9))
+        self.weights = {"base": self.settings.checkpoint, "fine_tuned": fine_tuned, "loaded": time.strftime("%c")}
         logger.info("Medical SAM3 weights: %s", self.weights)
 
     @property
     def ready(self) -> bool:
-        self.load()
+        """Whether requests can be served; loads the model on first use (MONAI Label's subprocesses)."""
+        if self._segmenter is None and self._error is None:
+            self.load()
         return self._segmenter is not None
 
     @property
@@ -167,6 +171,7 @@ class ModelService:
     def run(self, work: Callable[[VolumeSegmenter], T]) -> T:
         """Run ``work`` with the segmenter, holding the model lock (scoring, background jobs)."""
         with self._lock:
+            self.load()  # newly published fine-tuned weights, if any
             if not self.ready:
                 raise ModelNotReady(f"Medical SAM3 is {self.status}")
             return work(self._segmenter)
@@ -210,7 +215,7 @@ def write_result(label: np.ndarray, volume: ImageVolume, extension: str, dtype: 
     return path
 
 
-def _warm_up_io() -> None:
+def warm_up_io() -> None:
     """ITK loads its NRRD/DICOM modules lazily (about 2 s): pay that at start-up, not on the first click."""
     with tempfile.TemporaryDirectory() as folder:
         reference = ImageVolume.from_affine(np.zeros((2, 2, 2), dtype=np.int16), np.eye(4))

@@ -34,25 +34,32 @@ class PublishedWeights:
         path = self.folder / name
         return str(path) if path.is_file() else None
 
-    def version(self) -> tuple | None:
-        """Changes whenever a file is published or removed (name, modification time, size); None without any."""
+    def current(self) -> tuple[tuple | None, str | None, str | None]:
+        """``(version, adapter file, full checkpoint)`` from one look at the folder: the newest file only.
+
+        The version (name, modification time, size and inode of each file) changes whenever a file is published or
+        removed, so a reader that saw a half-done swap sees another version on its next look.
+        """
         stamps = []
         for name in (ADAPTER_FILE, FULL_FILE):
             try:
                 stat = (self.folder / name).stat()
             except FileNotFoundError:
                 continue
-            stamps.append((stat.st_mtime_ns, stat.st_size, name))
-        return max(stamps) if stamps else None
+            stamps.append((stat.st_mtime_ns, stat.st_size, stat.st_ino, name))
+        if not stamps:
+            return None, None, None
+        newest = str(self.folder / max(stamps)[-1])
+        return tuple(sorted(stamps)), *((newest, None) if newest.endswith(ADAPTER_FILE) else (None, newest))
 
     def publish(self, source: str | Path, mode: str) -> Path:
         """Copy a training run's weights into place without a moment where a reader sees a partial file."""
         name, other = (FULL_FILE, ADAPTER_FILE) if mode == "full" else (ADAPTER_FILE, FULL_FILE)
         self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / other).unlink(missing_ok=True)
         target = self.folder / name
         partial = target.with_suffix(".partial")
         shutil.copyfile(source, partial)
         os.replace(partial, target)
-        (self.folder / other).unlink(missing_ok=True)
         logger.info("Published %s weights: %s", mode, target)
         return target

@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
 from scripts import BUNDLE_ROOT
-from scripts.checkpoint import file_if_present
+from scripts.checkpoint import file_if_present, read_adaptation_file
+from scripts.image_io import read_image
+from scripts.prompts import parse_flag
 
 from ..published_weights import PublishedWeights
 from ..settings import AppSettings
@@ -57,8 +62,13 @@ class FineTuning(TrainTask):
         }
 
     def stats(self) -> dict[str, Any]:
+        """The current or last run, with the keys Slicer's progress and accuracy bars read (``epoch`` counts steps)."""
         path = self.model_dir / STATS_FILE
-        return json.loads(path.read_text()) if path.is_file() else {}
+        try:
+            return json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError) as error:
+            logger.warning("Cannot read %s: %s", path, error)
+            return {}
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         options = self._options(request)
@@ -67,9 +77,27 @@ class FineTuning(TrainTask):
         run_dir.mkdir(parents=True, exist_ok=True)
         datalist = run_dir / "datalist.json"
         datalist.write_text(json.dumps({"training": training, "validation": validation}, indent=2))
-        adapter = self.published.adapter() if options["continue_from_published"] else None
-        if adapter and options["mode"] == "full":
-            adapter = None  # full fine-tuning starts from the base checkpoint
+        overrides = {
+            "datalist": str(datalist),
+            "output_dir": str(run_dir),
+            "mode": options["mode"],
+            "model_size": self.settings.model_size,
+            "ckpt_path": self.settings.checkpoint,
+            "tracker_ckpt_path": ""
+            if self.settings.random_weights
+            else file_if_present(self.settings.tracker_checkpoint),
+            "adapter_path": self._starting_adapter(options),
+            "vocabulary_file": self.settings.vocabulary,
+            "device_name": self.settings.device,
+            "max_steps": options["max_steps"],
+            "batch_size": options["batch_size"],
+            "lr_backbone": options["lr_backbone"],
+            "lr_decoder": options["lr_decoder"],
+            "click_rounds": options["click_rounds"],
+            "val_every": max(1, options["max_steps"] // 4) if validation else 0,
+        }
+        # The exact train.json overrides: a stopped run continues with them plus --resume <run>/train_state.pt.
+        (run_dir / "overrides.json").write_text(json.dumps(overrides, indent=2))
         logger.info(
             "Fine-tuning (%s, %d steps) on %d labelled images, validating on %d; run folder %s",
             options["mode"],
@@ -83,43 +111,60 @@ class FineTuning(TrainTask):
             meta_file=str(BUNDLE_ROOT / "configs" / "metadata.json"),
             logging_file=False,  # MONAI Label's subprocess logging already reaches /train status
             workflow_type="train",
-            datalist=str(datalist),
-            output_dir=str(run_dir),
-            mode=options["mode"],
-            model_size=self.settings.model_size,
-            ckpt_path=self.settings.checkpoint,
-            tracker_ckpt_path="" if self.settings.random_weights else file_if_present(self.settings.tracker_checkpoint),
-            adapter_path=adapter or "",
-            vocabulary_file=self.settings.vocabulary,
-            device_name=self.settings.device,
-            max_steps=options["max_steps"],
-            batch_size=options["batch_size"],
-            lr_backbone=options["lr_backbone"],
-            lr_decoder=options["lr_decoder"],
-            click_rounds=options["click_rounds"],
-            val_every="$max(1, @max_steps // 4)" if validation else 0,
+            **overrides,
         )
         workflow.initialize()
-        workflow.run()
         validation_handler = workflow.parser.get_parsed_content("validation")
+        start = time.time()
+        stats = {"mode": options["mode"], "total_epochs": options["max_steps"], "run_dir": str(run_dir)}
+
+        def progress(engine: Engine) -> None:
+            best = validation_handler.best if validation_handler.best >= 0 else 0.0
+            elapsed = time.time() - start
+            self._write_stats({**stats, "epoch": engine.state.iteration, "best_metric": best, "total_time": elapsed})
+
+        trainer = workflow.parser.get_parsed_content("train#trainer")
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(every=max(1, options["max_steps"] // 50)), progress)
+        workflow.run()
         workflow.finalize()
         best = run_dir / "model_best.pt"
         weights = best if validation and best.is_file() else run_dir / "model_final.pt"
         published = self.published.publish(weights, options["mode"])
         result = {
-            "mode": options["mode"],
-            "steps": options["max_steps"],
+            **stats,
+            "epoch": options["max_steps"],
+            "best_metric": max(validation_handler.best, 0.0) if validation else 0.0,
+            "total_time": round(time.time() - start, 1),
             "training_images": len(training),
             "validation_images": len(validation),
-            "best_validation_dice": round(validation_handler.best, 4) if validation else None,
-            "continued_from": adapter,
+            "continued_from": overrides["adapter_path"] or None,
             "published": str(published),
-            "run_dir": str(run_dir),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        (self.model_dir / STATS_FILE).write_text(json.dumps(result, indent=2))
+        self._write_stats(result)
         logger.info("Fine-tuning done: %s", result)
         return result
+
+    def _write_stats(self, stats: dict[str, Any]) -> None:
+        path = self.model_dir / STATS_FILE
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps(stats, indent=2))
+        os.replace(partial, path)  # the server reads it on every /info and /infer
+
+    def _starting_adapter(self, options: dict[str, Any]) -> str:
+        """The published adapter to continue from, when asked and when it fits this run (mode, heads, size)."""
+        adapter = self.published.adapter() if options["continue_from_published"] else None
+        if not adapter or options["mode"] == "full":
+            return ""  # full fine-tuning starts from the base checkpoint
+        try:
+            config, size, _ = read_adaptation_file(adapter)
+        except ValueError as error:
+            logger.warning("Not continuing from %s: %s", adapter, error)
+            return ""
+        if config.get("mode") != options["mode"] or not config.get("heads") or size != self.settings.model_size:
+            logger.info("Starting from the base: the published adapter is %s on %s, this run %s", config, size, options)
+            return ""
+        return adapter
 
     def _options(self, request: dict[str, Any]) -> dict[str, Any]:
         """The request's options over the defaults, type-checked; unknown options are refused."""
@@ -136,7 +181,7 @@ class FineTuning(TrainTask):
                     raise ValueError(f"{key} must be one of {default}, got {value!r}")
             else:
                 try:
-                    value = _as_bool(value) if isinstance(default, bool) else type(default)(value)
+                    value = parse_flag(value, key) if isinstance(default, bool) else type(default)(value)
                 except (TypeError, ValueError) as error:
                     raise ValueError(f"{key} expects a {type(default).__name__}, got {value!r}") from error
             options[key] = value
@@ -150,17 +195,20 @@ class FineTuning(TrainTask):
         for image_id in sorted(datastore.get_labeled_images(DefaultLabelTag.FINAL)):
             label_id = datastore.get_label_by_image_id(image_id, DefaultLabelTag.FINAL)
             info = datastore.get_label_info(label_id, DefaultLabelTag.FINAL)
-            labels = self._label_names(info.get("label_info"))
-            if not labels:
-                logger.warning("Skipping %s: its label names no structure", image_id)
+            label_path = datastore.get_label_uri(label_id, DefaultLabelTag.FINAL)
+            # A name whose value the file lacks (an empty segment, an offered label nobody drew) is left out rather
+            # than taken as "absent everywhere": the annotator may simply not have drawn it.
+            present = {str(int(v)) for v in np.unique(read_image(label_path).array)}
+            try:
+                named = self._label_names(info.get("label_info"))
+            except ValueError as error:
+                logger.warning("Skipping %s: %s", image_id, error)
                 continue
-            items.append(
-                {
-                    "image": datastore.get_image_uri(image_id),
-                    "label": datastore.get_label_uri(label_id, DefaultLabelTag.FINAL),
-                    "labels": labels,
-                }
-            )
+            labels = {v: n for v, n in named.items() if v in present}
+            if not labels:
+                logger.warning("Skipping %s: its label has no named structure", image_id)
+                continue
+            items.append({"image": datastore.get_image_uri(image_id), "label": label_path, "labels": labels})
         if not items:
             raise ValueError(
                 "No submitted labels to train on: save at least one final label (Submit Label in Slicer) first"
@@ -171,6 +219,8 @@ class FineTuning(TrainTask):
         """Slicer sends ``label_info`` [{"name": ...}] with voxel value i + 1 for the i-th entry; without it the
         values are the app's own (those /info lists)."""
         if isinstance(label_info, list) and label_info:
+            if not all(isinstance(entry, dict) for entry in label_info):
+                raise ValueError(f"label_info must be a list of {{'name': ...}} entries, got {label_info!r}")
             named = {str(i): str(entry.get("name", "")).strip() for i, entry in enumerate(label_info, start=1)}
         else:
             named = {str(value): name for value, name in self.names_by_value.items()}
@@ -185,13 +235,3 @@ def _split(items: list[dict[str, Any]], fraction: float) -> tuple[list[dict[str,
     step = len(items) / count
     held = {int(i * step) for i in range(count)}
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
-
-
-def _as_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if str(value).lower() in ("true", "1", "yes"):
-        return True
-    if str(value).lower() in ("false", "0", "no"):
-        return False
-    raise ValueError(value)
