@@ -85,6 +85,8 @@ def test_train_publishes_weights_the_server_then_serves(server, client, tmp_path
     assert published.is_file()
     stats = client.info()["train_stats"]["medsam3"]
     assert stats["mode"] == "adapter3d" and stats["training_images"] == 2 and stats["published"] == str(published)
+    assert stats["epoch"] == stats["total_epochs"] == 4 and stats["best_metric"] == 0.0  # Slicer's progress bar keys
+    assert (Path(stats["run_dir"]) / "overrides.json").is_file()
     after, second = _scores(client)  # no restart: the next request loads the published adapter
     assert second["weights"]["fine_tuned"] == str(published) and second["encoding_cache"] == "miss"
     assert after != before  # new weights, new scores

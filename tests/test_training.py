@@ -111,6 +111,12 @@ def test_items_with_their_own_labels(datalist: Path) -> None:
     assert any(dataset[i]["target"][:, 1].any() for i in range(len(dataset)))
     with pytest.raises(ValueError, match="not among the training labels"):
         SlicePromptDataset([{**items[0], "labels": {"1": "aorta"}}], {1: "liver"}, vocabulary, 64, 1)
+    # Two values sharing a name (two Slicer segments "liver") are one target.
+    both = SlicePromptDataset([{**items[0], "labels": {"1": "liver", "2": "liver"}}], {1: "liver"}, vocabulary, 64, 6)
+    sample = next(both[i] for i in range(6) if both[i]["target"].any())
+    assert sample["target"].shape[1] == 1 and sample["valid"].tolist() == [1.0]
+    with pytest.raises(ValueError, match="'labels' map is empty"):
+        SlicePromptDataset([{**items[0], "labels": {}}], {1: "liver"}, vocabulary, 64, 1)
     # Offsets: sample i of a dataset starting at index k is sample k + i of one starting at 0.
     offset = SlicePromptDataset(items, {1: "liver", 2: "spleen"}, vocabulary, 64, 4, first_index=3)
     whole = SlicePromptDataset(items, {1: "liver", 2: "spleen"}, vocabulary, 64, 8)
@@ -128,6 +134,9 @@ def test_items_with_their_own_labels(datalist: Path) -> None:
         )
     )
     assert label_names_from(None, path) == {1: "liver", 2: "aorta"}
+    path.write_text(json.dumps({"training": [{**training[0], "labels": {"1": "liver"}}, training[1]]}))
+    with pytest.raises(ValueError, match="have no 'labels' map"):
+        label_names_from(None, path)
 
 
 def test_loss_ignores_pairs_the_sample_does_not_annotate() -> None:
@@ -313,4 +322,14 @@ def test_multi_gpu_config_runs_under_torchrun(datalist: Path, tmp_path: Path) ->
     assert log.count("Iter: 3/3") == 1  # rank 0 logs; rank 1 trains silently
     saved = torch.load(tmp_path / "model_final.pt", map_location="cpu", weights_only=True)
     assert saved["meta"]["mode"] == "lora" and saved["meta"]["iteration"] == 3
-    assert all("lora_" in k for k in saved["state_dict"])
+    assert any("lora_" in k for k in saved["state_dict"]) and saved["meta"]["adaptation"]["heads"] is True
+
+
+def test_train_heads_flag_from_the_command_line() -> None:
+    """``monai.bundle run`` passes ``--train_heads false`` as the string "false"."""
+    adapters_only = prepare_network(tiny_model(), "random", "", "lora", heads="false")
+    assert adapters_only.adaptation["heads"] is False
+    assert all("lora_" in n for n, p in adapters_only.named_parameters() if p.requires_grad)
+    assert prepare_network(tiny_model(), "random", "", "lora", heads="True").adaptation["heads"] is True
+    with pytest.raises(ValueError, match="train_heads must be true or false, got 'maybe'"):
+        prepare_network(tiny_model(), "random", "", "lora", heads="maybe")

@@ -181,6 +181,9 @@ def label_names_from(labels: dict | str | None, datalist: Path) -> dict[int, str
         if labels is None:
             lists = [data.get(key) or [] for key in ("training", "validation")] if isinstance(data, dict) else [data]
             items = [item for entries in lists for item in entries if isinstance(item, dict)]
+            unnamed = [i.get("label", i.get("image")) for i in items if not i.get("labels")]
+            if unnamed and len(unnamed) < len(items):
+                raise ValueError(f"Items {unnamed[:3]} have no 'labels' map: give one per item or one for the dataset")
             names = dict.fromkeys(n for i in items for n in (i.get("labels") or {}).values())
             labels = {value: name for value, name in enumerate(names, start=1)} or None
     if not isinstance(labels, dict) or not labels:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.utils import CommonKeys
@@ -340,11 +341,13 @@ class TextPromptValidation:
         segmenter = VolumeSegmenter(Medsam3Predictor(model, score_threshold=self.score_threshold), self.vocabulary)
         scores = []
         for item in self.items:
-            labels = item_labels(item, self.labels)
-            result = segmenter.segment(read_image(item["image"]), PromptSet.create(texts=list(labels.values())))
+            values: dict[str, list[int]] = {}
+            for value, name in item_labels(item, self.labels).items():
+                values.setdefault(name, []).append(value)
+            result = segmenter.segment(read_image(item["image"]), PromptSet.create(texts=list(values)))
             reference = read_image(item["label"]).array
-            for value, row in zip(labels, result.labels, strict=True):
-                scores.append(dice(result.label == row["index"], reference == value))
+            for name_values, row in zip(values.values(), result.labels, strict=True):
+                scores.append(dice(result.label == row["index"], np.isin(reference, name_values)))
         model.train()
         mean = float(sum(scores) / len(scores))
         self.history.append((engine.state.iteration, mean))

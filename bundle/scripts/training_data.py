@@ -101,6 +101,8 @@ class SlicePromptDataset(Dataset):
         )
 
     def _load(self, item: dict[str, Any], labels: dict[int, str], vocabulary: Vocabulary) -> _Volume:
+        if not labels:
+            raise ValueError(f"{item['label']}: its 'labels' map is empty")
         unknown = sorted(set(labels.values()) - set(self.names))
         if unknown:
             raise ValueError(f"{item['label']} labels {unknown}, which are not among the training labels {self.names}")
@@ -111,7 +113,9 @@ class SlicePromptDataset(Dataset):
         modality = guess_modality(image.array)
         scaled = apply_preset(view.to_view(image.array), vocabulary.preset_for(next(iter(labels.values())), modality))
         values = view.to_view(label.array).astype(np.int64)
-        by_name = {name: value for value, name in labels.items()}
+        by_name: dict[str, list[int]] = {}
+        for value, name in labels.items():  # two values may share a name (e.g. two Slicer segments "liver")
+            by_name.setdefault(name, []).append(value)
         channels = [by_name.get(name) for name in self.names]  # None: the item does not annotate this label
         positive = np.flatnonzero(np.isin(values, list(labels)).reshape(values.shape[0], -1).any(axis=1))
         return _Volume(scaled, values, positive, channels)
@@ -135,12 +139,12 @@ class SlicePromptDataset(Dataset):
             self.augment.set_random_state(seed=int(rng.integers(2**31)))
             image = convert_to_tensor(self.augment(image), track_meta=False).clamp(0, 1)  # plain tensors collate
         slices = volume.values[rows]
-        masks = [slices == value if value is not None else np.zeros_like(slices, bool) for value in volume.channels]
+        masks = [np.isin(slices, v) if v is not None else np.zeros_like(slices, bool) for v in volume.channels]
         target = torch.from_numpy(np.stack(masks, axis=1)).float()
         size = (self.image_size, self.image_size)
         image = F.interpolate(image.float(), size=size, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
         target = F.interpolate(target, size=size, mode="nearest")
-        valid = torch.tensor([value is not None for value in volume.channels], dtype=torch.float32)
+        valid = torch.tensor([v is not None for v in volume.channels], dtype=torch.float32)
         return {"image": (image - 0.5) / 0.5, "target": target, "valid": valid}
 
 
@@ -148,4 +152,4 @@ class _Volume(NamedTuple):
     scaled: np.ndarray  # D x H x W intensities in [0, 1], in the model's view
     values: np.ndarray  # D x H x W label values
     positive: np.ndarray  # slices with any annotated structure
-    channels: list[int | None]  # the label value of each training label name, None where not annotated
+    channels: list[list[int] | None]  # the label values of each training label name, None where not annotated
