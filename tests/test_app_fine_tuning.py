@@ -63,10 +63,12 @@ def test_trainer_reads_slicer_label_names(tmp_path) -> None:
         image, label = write_phantom(tmp_path / "phantoms", name, shape=(16, 16, 4))
         datastore.add_image(name, str(image), {})
         info = {"a": {"label_info": [{"name": "spleen", "idx": 2}, {"name": "Background"}, {"name": "aorta"}]}}
+        info["c"] = {"label_info": [{"name": "Segment_1"}, {"name": "liver"}]}
         datastore.save_label(name, str(label), "final", info.get(name, {}))
     items = {Path(item["image"]).name: item for item in trainer._items(datastore)}
     assert items["a.nii.gz"]["labels"] == {"1": "spleen", "3": "aorta"}
     assert items["b.nii.gz"]["labels"] == {"1": "liver", "2": "spleen"}
+    assert items["c.nii.gz"]["labels"] == {"2": "liver"}  # Slicer's default segment name is not a structure
     assert Path(items["b.nii.gz"]["label"]).is_file()
 
 

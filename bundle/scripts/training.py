@@ -174,10 +174,10 @@ class TrainingState:
 
     ``train_state.pt`` in ``output_dir`` holds the trained weights, the optimiser state, the iteration, the RNG
     states and the validation's best score; it is written with the weights (every ``every`` iterations and at the
-    end). Given a ``resume`` file, :meth:`attach` restores it into the
-    trainer before it runs: the iteration count continues (``--max_steps`` is the total, so raise it to train
-    longer) and the dataset starts at :meth:`first_sample` (its samples depend only on their index). The config's
-    DataLoader draws from its own generator, so the restored global RNG (dropout) matches an uninterrupted run.
+    end). Given a ``resume`` file, :meth:`attach` restores it into the trainer before it runs: the iteration count
+    continues (``--max_steps`` is the total, so raise it to train longer) and the dataset starts at
+    :meth:`first_sample` (its samples depend only on their index). The config's DataLoader draws from its own
+    generator, so the restored global RNG (dropout, click simulation) matches an uninterrupted run.
     """
 
     def __init__(

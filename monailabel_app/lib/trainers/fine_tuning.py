@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ MODES = ["adapter3d", "lora", "full"]  # the first is the default (MONAI Label s
 PASSED_BY_MONAI_LABEL = {"model", "gpus", "local_rank", "client_id", "bundle_path"}
 STATS_FILE = "train_stats.json"
 IGNORED_NAMES = {"background", ""}
+SLICER_DEFAULT_NAME = re.compile(r"Segment_\d+")  # a segment nobody named: no structure to prompt for
 
 
 class FineTuning(TrainTask):
@@ -224,7 +226,14 @@ class FineTuning(TrainTask):
             named = {str(i): str(entry.get("name", "")).strip() for i, entry in enumerate(label_info, start=1)}
         else:
             named = {str(value): name for value, name in self.names_by_value.items()}
-        return {value: name for value, name in named.items() if name.lower() not in IGNORED_NAMES}
+        unnamed = sorted(name for name in named.values() if SLICER_DEFAULT_NAME.fullmatch(name))
+        if unnamed:
+            logger.warning("Not training segments with Slicer's default names %s: rename them to structures", unnamed)
+        return {
+            value: name
+            for value, name in named.items()
+            if name.lower() not in IGNORED_NAMES and not SLICER_DEFAULT_NAME.fullmatch(name)
+        }
 
 
 def _split(items: list[dict[str, Any]], fraction: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
