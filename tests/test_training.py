@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import model_outputs, tiny_model
 
-from scripts.checkpoint import CheckpointError, load_network
+from scripts.checkpoint import TRACKER_PREFIXES, CheckpointError, load_network
 from scripts.losses import TextPromptLoss
 from scripts.phantom import write_phantom
 from scripts.runner import label_names_from
@@ -325,7 +325,7 @@ def test_multi_gpu_config_runs_under_torchrun(datalist: Path, tmp_path: Path) ->
     assert any("lora_" in k for k in saved["state_dict"]) and saved["meta"]["adaptation"]["heads"] is True
 
 
-def test_train_heads_flag_from_the_command_line() -> None:
+def test_train_heads_flag_from_the_command_line(tmp_path: Path) -> None:
     """``monai.bundle run`` passes ``--train_heads false`` as the string "false"."""
     adapters_only = prepare_network(tiny_model(), "random", "", "lora", heads="false")
     assert adapters_only.adaptation["heads"] is False
@@ -333,3 +333,10 @@ def test_train_heads_flag_from_the_command_line() -> None:
     assert prepare_network(tiny_model(), "random", "", "lora", heads="True").adaptation["heads"] is True
     with pytest.raises(ValueError, match="train_heads must be true or false, got 'maybe'"):
         prepare_network(tiny_model(), "random", "", "lora", heads="maybe")
+    # A detector-only checkpoint: the heads would save an untrained tracker over the real one later.
+    detector_only = tmp_path / "detector.pt"
+    state = {k: v for k, v in tiny_model().state_dict().items() if not k.startswith(TRACKER_PREFIXES)}
+    torch.save(state, detector_only)
+    with pytest.raises(ValueError, match="no tracker weights"):
+        prepare_network(tiny_model(), str(detector_only), "", "lora")
+    assert not prepare_network(tiny_model(), str(detector_only), "", "lora", heads=False).interactive

@@ -285,6 +285,11 @@ def prepare_network(
     """
     heads = parse_flag(heads, "train_heads")
     network = load_network(network, ckpt_path, tracker_ckpt_path, adapter_path or None)
+    if heads and mode != "full" and not network.interactive:
+        raise ValueError(
+            "train_heads trains the tracker's click heads too, but the checkpoint has no tracker weights: give SAM3's "
+            "sam3.pt as --tracker_ckpt_path, or pass --train_heads false"
+        )
     if adapter_path:
         config = getattr(network, ADAPTATION_ATTRIBUTE)
         if config["mode"] != mode:

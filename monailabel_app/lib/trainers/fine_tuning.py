@@ -59,6 +59,7 @@ class FineTuning(TrainTask):
             "lr_backbone": 2e-4,
             "lr_decoder": 3e-4,
             "click_rounds": 3,
+            "train_heads": True,
             "validation_fraction": 0.2,
             "continue_from_published": True,
         }
@@ -96,6 +97,7 @@ class FineTuning(TrainTask):
             "lr_backbone": options["lr_backbone"],
             "lr_decoder": options["lr_decoder"],
             "click_rounds": options["click_rounds"],
+            "train_heads": options["train_heads"],
             "val_every": max(1, options["max_steps"] // 4) if validation else 0,
         }
         # The exact train.json overrides: a stopped run continues with them plus --resume <run>/train_state.pt.
@@ -163,7 +165,11 @@ class FineTuning(TrainTask):
         except ValueError as error:
             logger.warning("Not continuing from %s: %s", adapter, error)
             return ""
-        if config.get("mode") != options["mode"] or not config.get("heads") or size != self.settings.model_size:
+        if (config.get("mode"), config.get("heads"), size) != (
+            options["mode"],
+            options["train_heads"],
+            self.settings.model_size,
+        ):
             logger.info("Starting from the base: the published adapter is %s on %s, this run %s", config, size, options)
             return ""
         return adapter
