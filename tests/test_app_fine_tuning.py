@@ -59,16 +59,18 @@ def test_trainer_reads_slicer_label_names(tmp_path) -> None:
     trainer = FineTuning(SETTINGS, LABELS, tmp_path / "model")
     with pytest.raises(ValueError, match="No submitted labels to train on"):
         trainer._items(datastore)
-    for name in ("a", "b", "c"):
+    for name in ("a", "b", "c", "d"):
         image, label = write_phantom(tmp_path / "phantoms", name, shape=(16, 16, 4))
         datastore.add_image(name, str(image), {})
         info = {"a": {"label_info": [{"name": "spleen", "idx": 2}, {"name": "Background"}, {"name": "aorta"}]}}
         info["c"] = {"label_info": [{"name": "Segment_1"}, {"name": "liver"}]}
+        info["d"] = {"label_info": ["liver"]}  # not Slicer's format: skipped with a warning, training goes on
         datastore.save_label(name, str(label), "final", info.get(name, {}))
     items = {Path(item["image"]).name: item for item in trainer._items(datastore)}
     assert items["a.nii.gz"]["labels"] == {"1": "spleen", "3": "aorta"}
     assert items["b.nii.gz"]["labels"] == {"1": "liver", "2": "spleen"}
     assert items["c.nii.gz"]["labels"] == {"2": "liver"}  # Slicer's default segment name is not a structure
+    assert "d.nii.gz" not in items
     assert Path(items["b.nii.gz"]["label"]).is_file()
 
 
@@ -126,3 +128,21 @@ def test_service_serves_newly_published_weights(tmp_path) -> None:
     again, summary = scores()
     assert summary["weights"]["fine_tuned"] is None and again == pytest.approx(base, abs=1e-6)
     assert "truncated" in summary["weights"]["load_errors"][0] or "Cannot read" in summary["weights"]["load_errors"][0]
+
+
+def test_trainer_continues_only_from_a_fitting_adapter(tmp_path) -> None:
+    trainer = FineTuning(SETTINGS, LABELS, tmp_path / "model")
+    options = trainer._options({"mode": "lora"})
+    assert trainer._starting_adapter(options) == ""  # nothing published yet
+    model = tiny_model()
+    configure_adaptation(model, "lora", heads=True)
+    state = adaptation_state_dict(model)
+    adapter = save_checkpoint(model, tmp_path / "run.pt", state_dict=state, mode="lora", adaptation=model.adaptation)
+    published = trainer.published.publish(adapter, "lora")
+    assert trainer._starting_adapter(options) == str(published)
+    assert trainer._starting_adapter(trainer._options({"mode": "adapter3d"})) == ""  # another mode
+    assert trainer._starting_adapter(trainer._options({"mode": "lora", "train_heads": False})) == ""
+    assert trainer._starting_adapter(trainer._options({"mode": "full"})) == ""
+    assert trainer._starting_adapter(trainer._options({"mode": "lora", "continue_from_published": False})) == ""
+    published.write_bytes(b"broken")
+    assert trainer._starting_adapter(options) == ""  # unreadable: start from the base, with a warning

@@ -91,16 +91,15 @@ class PromptStep:
         valid = valid.flatten(0, 1).transpose(0, 1).flatten(0, 1)
         # A tracker loaded without weights (detector-only checkpoint) is not trained from scratch here.
         clicks = self.clicks if unwrap(model).interactive else None
+        click_targets = target * valid[:, None, None]  # pairs the sample does not annotate: empty, never clicked
         with device_fallbacks(device), precision(device, self.amp):
             if clicks is None:
                 outputs = model(slices, self.prompts)  # through forward, so DDP synchronises gradients
-            else:  # pairs the sample does not annotate get no clicks: an empty target is never clicked
-                outputs = model(
-                    slices, self.prompts, click_targets=target * valid[:, None, None], click_simulation=clicks
-                )
+            else:
+                outputs = model(slices, self.prompts, click_targets=click_targets, click_simulation=clicks)
             terms = self.loss(outputs, target, valid)
             if clicks is not None:
-                click_terms = self.click_loss(outputs, target * valid[:, None, None])
+                click_terms = self.click_loss(outputs, click_targets)
                 terms.update({k: v for k, v in click_terms.items() if k != "loss"})
                 terms["loss"] = terms["loss"] + self.click_weight * click_terms["loss"]
         engine.optimizer.zero_grad(set_to_none=True)

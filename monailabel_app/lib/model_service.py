@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from scripts.checkpoint import file_if_present, load_adaptation_file, load_network, read_adaptation_file
+from scripts.checkpoint import file_if_present, load_adaptation_file, load_network
 from scripts.encoding_cache import EncodingCache, image_key
 from scripts.image_io import ImageVolume, read_image, write_label
 from scripts.inference import SegmentationResult, VolumeSegmenter
@@ -101,15 +101,16 @@ class ModelService:
         return load_network(network, checkpoint, tracker, adapter)
 
     def _reload_adapter(self, adapter: str) -> bool:
-        """Load a newly published adapter into the served model in place when it has the same adaptation."""
+        """Load a newly published adapter into the served model in place (an unadapted model gets its adaptation).
+
+        The file is read once; another adaptation than the model's, or a bad file, is refused before the model is
+        touched, and the caller rebuilds.
+        """
         model = self._segmenter.predictor.model
         try:
-            config, _, _ = read_adaptation_file(adapter)
-            if getattr(model, "adaptation", None) != config:
-                return False  # another adaptation (or none): rebuild
             load_adaptation_file(model, adapter)
         except ValueError as error:
-            logger.error("Cannot load the fine-tuned weights %s (%s); rebuilding", adapter, error)
+            logger.info("Rebuilding the model for %s: %s", adapter, error)
             return False
         self._install(model, adapter)
         return True
