@@ -2,7 +2,8 @@
 
     monailabel start_server --app monailabel_app --studies <folder> --conf model_size tiny --conf checkpoint random
 
-Options (``--conf key value``) are listed in :class:`lib.settings.AppSettings`.
+Options (``--conf key value``): the app's own are :class:`lib.settings.AppSettings`; any other key overrides an id of
+the served bundle's ``configs/inference.json`` (``docs/monailabel.md`` lists them).
 """
 
 from __future__ import annotations
@@ -75,4 +76,6 @@ class Medsam3App(MONAILabelApp):
         self.service.load()
         warm_up_io()
         super().on_init_complete()
-        logger.info("Medical SAM3 (%s, %s): %s", self.settings.model_size, self.settings.device, self.service.status)
+        logger.info(
+            "Medical SAM3 (bundle %s, %s): %s", self.settings.bundle, self.settings.overrides, self.service.status
+        )

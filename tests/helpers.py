@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from scripts.model_builder import MedSam3, build_medsam3
+from scripts.model_builder import build_medsam3
+from scripts.network import MedSam3
 from scripts.predictor import Medsam3Predictor
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundle" / "configs"
+DEMO_MODEL = REPO / "bundle" / "models" / "demo_tiny.pt"
+
+
+def bundle_run(*args: str, config: str | list[str] = "inference.json") -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run`` with the bundle's configs (layered in order) and command-line overrides."""
+    configs = [config] if isinstance(config, str) else config
+    files = str([str(CONFIGS / c) for c in configs]) if len(configs) > 1 else str(CONFIGS / configs[0])
+    env = {**os.environ, "PYTHONPATH": str(REPO / "bundle")}
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, *args]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
 @functools.lru_cache(maxsize=4)

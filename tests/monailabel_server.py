@@ -37,9 +37,14 @@ def studies(root: Path) -> Path:
 
 
 def start_server(root: Path, *conf: str) -> Iterator[tuple[str, Path]]:
-    """Yield (server URL, studies folder) of a server started with ``conf`` arguments; stop it afterwards."""
+    """Yield (server URL, studies folder) of a server over :func:`studies` started with ``conf`` arguments."""
     folder = studies(root)
-    port = free_port()
+    for url in launch_server(root, folder, free_port(), *conf):
+        yield url, folder
+
+
+def launch_server(root: Path, folder: Path, port: int, *conf: str) -> Iterator[str]:
+    """Yield the URL of a server over the studies ``folder`` (logging to ``root/server.log``); stop it afterwards."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     args = ["start_server", "--app", str(REPO / "monailabel_app"), "--studies", str(folder)]
     args += ["--host", "127.0.0.1", "--port", str(port), *conf]
@@ -60,7 +65,7 @@ def start_server(root: Path, *conf: str) -> Iterator[tuple[str, Path]]:
                 time.sleep(1)
         else:
             raise RuntimeError("server did not start in time")
-        yield url, folder
+        yield url
     finally:
         process.terminate()
         process.wait(timeout=30)

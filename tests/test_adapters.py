@@ -11,7 +11,6 @@ from torch import nn
 
 from scripts.adapters import (
     HEAD_PREFIXES,
-    LORA_TARGETS,
     LoRALinear,
     SliceAdapter3D,
     adaptation_state_dict,
@@ -22,10 +21,9 @@ from scripts.adapters import (
     image_encoder,
     is_adaptation_key,
     load_adaptation,
-    merge_lora,
 )
 from scripts.checkpoint import load_checkpoint, read_state_dict, save_checkpoint
-from scripts.model_builder import MedSam3
+from scripts.network import MedSam3
 
 TRUNK = "detector.backbone.vision_backbone.trunk"
 ADAPTED_MODES = ("lora", "adapter3d")
@@ -182,19 +180,6 @@ def test_load_checkpoint_loads_a_base_checkpoint_into_an_adapted_model(tmp_path:
     model = adapted_model("adapter3d", seed=0)
     load_checkpoint(model, path)
     assert torch.equal(encode(model, images), encode(base, images))
-
-
-def test_merge_lora_keeps_outputs_and_restores_plain_layers(images: torch.Tensor) -> None:
-    model = adapted_model("lora")
-    perturb(model)
-    expected = encode(model, images)
-    merged = merge_lora(model)
-    assert len(merged) == 2 * len(LORA_TARGETS)
-    assert not any(isinstance(module, LoRALinear) for module in model.modules())
-    assert type(image_encoder(model).blocks[0].attn.qkv) is nn.Linear
-    assert set(model.state_dict()) == set(tiny_model().state_dict())
-    torch.testing.assert_close(encode(model, images), expected, rtol=1e-5, atol=1e-5)
-    assert merge_lora(model) == []
 
 
 def test_slice_adapter_mixes_neighbouring_slices_only() -> None:

@@ -24,16 +24,26 @@ def service(tmp_path_factory) -> ModelService:
     return ModelService(settings, PublishedWeights(tmp_path_factory.mktemp("model")))
 
 
-def test_settings_are_typed_and_checked() -> None:
+def test_settings_are_typed_and_checked(tmp_path) -> None:
+    """App options are the app's own; every other key overrides an inference.json id, typed like its default."""
     settings = AppSettings.from_conf({"batch_size": "4", "score_threshold": "0.3", "labels": "liver,spleen"})
-    assert settings.batch_size == 4 and settings.score_threshold == 0.3
+    assert settings.overrides == {"batch_size": 4, "score_threshold": 0.3} and settings.labels == "liver,spleen"
+    assert AppSettings.from_conf({"checkpoint": "/x.pt", "device": "cpu"}).overrides == {
+        "ckpt_path": "/x.pt",
+        "device_name": "cpu",
+    }
     with pytest.raises(ValueError, match="--conf batch_size expects a int, got 'many'"):
         AppSettings.from_conf({"batch_size": "many"})
+    with pytest.raises(ValueError, match="--conf score_threshold expects a float, got 'inf'"):
+        AppSettings.from_conf({"score_threshold": "inf"})
     with pytest.raises(ValueError, match=r"Unknown --conf options \['modelsize'\]"):
         AppSettings.from_conf({"modelsize": "tiny"})
-    with pytest.raises(ValueError, match="model_size must be base or tiny"):
-        AppSettings.from_conf({"model_size": "huge"})
-    assert "weights not found at /x.pt" in AppSettings.from_conf({"checkpoint": "/x.pt"}).missing_weights()
+    with pytest.raises(ValueError, match=r"Unknown --conf options \['image'\]"):
+        AppSettings.from_conf({"image": "/etc/passwd"})  # a request's field, not a serving option
+    with pytest.raises(ValueError, match="--conf model_size must be one of \\['base', 'tiny'\\], got 'huge'"):
+        ModelService(AppSettings.from_conf({"model_size": "huge"}), PublishedWeights(tmp_path))
+    missing = ModelService(AppSettings.from_conf({"checkpoint": "/x.pt"}), PublishedWeights(tmp_path))
+    assert "weights not found at /x.pt" in missing.status
 
 
 def test_offered_labels_are_numbered_from_one(service) -> None:

@@ -2,40 +2,36 @@
 
 from __future__ import annotations
 
+import csv
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import bundle_run
 
-from scripts.phantom import PHANTOM_LABELS, write_phantom
+from scripts.metrics import dice
+from scripts.phantom import write_phantom
 from scripts.vocabulary import load_vocabulary
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "bundle" / "configs"
 TINY = ["--model_size", "tiny", "--ckpt_path", "random", "--score_threshold", "0.0"]
-
-
-def bundle_run(*args: str, config: str | list[str] = "inference.json") -> subprocess.CompletedProcess:
-    configs = [config] if isinstance(config, str) else config
-    files = str([str(CONFIGS / c) for c in configs]) if len(configs) > 1 else str(CONFIGS / configs[0])
-    env = {**os.environ, "PYTHONPATH": str(REPO / "bundle")}
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, *args]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bundle_data")
+    (root / "references").mkdir()
     for seed, code in enumerate(("RAS", "LPS")):
-        write_phantom(root / "images", f"case{seed}", orientation=code, shape=(32, 32, 8), seed=seed)
-    items = [{"image": f"images/case{i}.nii.gz", "label": f"images/case{i}_label.nii.gz"} for i in range(2)]
-    (root / "datalist.json").write_text(json.dumps({"testing": items, "labels": {"1": "liver", "2": "spleen"}}))
+        _, label = write_phantom(root / "images", f"case{seed}", orientation=code, shape=(32, 32, 8), seed=seed)
+        # The dataset numbers its labels its own way (liver 2, spleen 7): evaluation must map them by name.
+        reference = nib.load(label)
+        values = np.asarray(reference.dataobj)
+        renumbered = np.select([values == 1, values == 2], [2, 7], 0).astype(np.uint8)
+        nib.save(nib.Nifti1Image(renumbered, reference.affine), root / "references" / f"case{seed}.nii.gz")
+    items = [{"image": f"images/case{i}.nii.gz", "label": f"references/case{i}.nii.gz"} for i in range(2)]
+    (root / "datalist.json").write_text(json.dumps({"testing": items, "labels": {"2": "liver", "7": "spleen"}}))
     return root
 
 
@@ -86,8 +82,15 @@ def test_clicks_and_nrrd_output(data: Path, tmp_path: Path) -> None:
 
 
 def test_batch_folder_and_evaluation(data: Path, tmp_path: Path) -> None:
+    """Evaluation scores exactly what inference writes, with the dataset's own label numbering."""
     result = bundle_run(
-        "--image", str(data / "images"), "--prompts", "['liver']", "--output_dir", str(tmp_path / "batch"), *TINY
+        "--image",
+        str(data / "images"),
+        "--prompts",
+        "['liver', 'spleen']",
+        "--output_dir",
+        str(tmp_path / "batch"),
+        *TINY,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     outputs = sorted(p.name for p in (tmp_path / "batch").glob("*.nii.gz"))
@@ -102,15 +105,29 @@ def test_batch_folder_and_evaluation(data: Path, tmp_path: Path) -> None:
         config=["inference.json", "evaluate.json"],
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    csv_rows = (tmp_path / "metrics" / "metrics.csv").read_text().strip().splitlines()
-    assert csv_rows[0] == "image,label,name,dice,nsd" and len(csv_rows) == 1 + 2 * 2
+    with (tmp_path / "metrics" / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(Path(r["image"]).name, r["name"]) for r in rows] == [
+        ("case0.nii.gz", "liver"),
+        ("case0.nii.gz", "spleen"),
+        ("case1.nii.gz", "liver"),
+        ("case1.nii.gz", "spleen"),
+    ]
+    for row in rows:
+        case = Path(row["image"]).name
+        predicted = np.asarray(nib.load(tmp_path / "batch" / case).dataobj)  # vocabulary values: liver 1, spleen 2
+        reference = np.asarray(nib.load(data / "references" / case).dataobj)  # dataset values: liver 2, spleen 7
+        vocabulary_value, dataset_value = {"liver": (1, 2), "spleen": (2, 7)}[row["name"]]
+        expected = dice(predicted == vocabulary_value, reference == dataset_value)
+        assert float(row["dice"]) == pytest.approx(expected, abs=1e-6), row
     summary = json.loads((tmp_path / "metrics" / "summary.json").read_text())
     assert set(summary) == {"liver", "spleen"} and summary["liver"]["cases"] == 2
-    assert 0.0 <= summary["liver"]["dice_mean"] <= 1.0
-    interactive = (tmp_path / "metrics" / "interactive.csv").read_text().strip().splitlines()
-    assert (
-        interactive[0] == "image,label,name,clicks,dice" and len(interactive) == 1 + 2 * 2 * 3
-    )  # cases x labels x (1,3,5)
+    assert summary["liver"]["dice_mean"] == pytest.approx(np.mean([float(r["dice"]) for r in rows[::2]]), abs=1e-6)
+    with (tmp_path / "metrics" / "interactive.csv").open() as handle:
+        interactive = list(csv.DictReader(handle))
+    assert list(interactive[0]) == ["image", "label", "name", "clicks", "dice", "repeated_click"]
+    assert len(interactive) == 2 * 2 * 3  # cases x labels x (1, 3, 5)
+    assert {int(r["label"]) for r in interactive} == {2, 7}  # the dataset's values
     assert (tmp_path / "metrics" / "interactive_dice.png").stat().st_size > 1000
     assert {"dice_1_clicks", "dice_3_clicks", "dice_5_clicks"} <= set(summary["liver"])
 
@@ -133,21 +150,3 @@ def test_bad_requests_fail_with_a_message(data: Path, tmp_path: Path, args: list
     result = bundle_run(*base, *args)  # later flags override the defaults above
     assert result.returncode != 0
     assert re.search(message, result.stderr), result.stderr[-2000:]
-
-
-def test_metadata_matches_vocabulary() -> None:
-    meta = json.loads((CONFIGS / "metadata.json").read_text())
-    for key in (
-        "version",
-        "changelog",
-        "monai_version",
-        "pytorch_version",
-        "numpy_version",
-        "task",
-        "network_data_format",
-    ):
-        assert key in meta
-    assert meta["version"] in meta["changelog"]
-    channel_def = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
-    assert channel_def == load_vocabulary().channel_def()
-    assert all(channel_def[str(k)] == v for k, v in PHANTOM_LABELS.items())

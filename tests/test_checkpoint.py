@@ -9,7 +9,15 @@ import pytest
 import torch
 from helpers import model_outputs, tiny_model
 
-from scripts.checkpoint import CheckpointError, load_checkpoint, load_network, read_state_dict, save_checkpoint
+from scripts.checkpoint import (
+    CheckpointError,
+    checkpoint_image_size,
+    load_checkpoint,
+    load_network,
+    read_state_dict,
+    save_checkpoint,
+)
+from scripts.model_builder import build_medsam3
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +84,7 @@ def test_project_format(tmp_path: Path, source) -> None:
     model, expected = source
     path = save_checkpoint(model, tmp_path / "model.pt", note="test")
     raw = torch.load(path, map_location="cpu", weights_only=True)
-    assert raw["format"] == "medsam3" and raw["model_size"] == "tiny" and raw["meta"] == {"note": "test"}
+    assert raw["format"] == "medsam3" and raw["model_size"] == "tiny" and raw["meta"] == {"image_size": 224, "note": "test"}
     target = tiny_model(seed=0)
     load_checkpoint(target, path)
     _assert_same(model_outputs(target), expected)
@@ -153,3 +161,61 @@ def test_unreadable_files(tmp_path: Path, source) -> None:
 def test_missing_weights_message_says_where_to_put_them(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="large_files.yml.*bundle/models/model.pt"):
         load_network(tiny_model(), str(tmp_path / "model.pt"))
+
+
+def test_medical_sam3_trainer_format_loads_without_its_optimizer(tmp_path: Path, source) -> None:
+    """Medical SAM3's trainer saves the whole model (detector + tracker) next to the optimizer state and counters."""
+    model, expected = source
+    optimizer = {"state": {i: {"exp_avg": torch.randn(64, 64)} for i in range(3)}, "param_groups": [{"lr": 1e-4}]}
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": model.state_dict(), "optimizer": optimizer, "epoch": 3, "loss": 0.2, "steps": 900}, path)
+    target = tiny_model(seed=0)
+    report = load_checkpoint(target, path)
+    assert report.interactive and not report.unexpected  # the file's own, fine-tuned tracker is used
+    _assert_same(model_outputs(target), expected)
+
+
+def test_position_tables_are_recomputed_so_other_resolutions_load(tmp_path: Path, source) -> None:
+    """A file saved at half the input size (as Medical SAM3's 504-px 3D model) loads; its size is read back."""
+    half = build_medsam3("tiny", device="cpu", seed=7, image_size=112)
+    rope = "detector.backbone.vision_backbone.trunk.blocks.1.attn.freqs_cis"  # the global-attention block
+    assert half.state_dict()[rope].shape[0] == (112 // 14) ** 2 != tiny_model().state_dict()[rope].shape[0]
+    torch.save({"model": half.state_dict()}, tmp_path / "half.pt")
+    assert checkpoint_image_size(tmp_path / "half.pt") == 112
+    target = tiny_model(seed=0)
+    tables = {k: v.clone() for k, v in target.state_dict().items() if k.endswith("freqs_cis")}
+    load_checkpoint(target, tmp_path / "half.pt")
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in tables.items())  # the model's own, not the file's
+    weights = {k: v for k, v in half.state_dict().items() if not k.endswith("freqs_cis")}
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in weights.items())
+    again = build_medsam3("tiny", device="cpu", image_size=checkpoint_image_size(tmp_path / "half.pt"))
+    load_checkpoint(again, tmp_path / "half.pt")
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in half.state_dict().items())  # bit for bit
+    assert checkpoint_image_size(save_checkpoint(half, tmp_path / "ours.pt")) == 112  # recorded in our format
+    assert checkpoint_image_size(tmp_path / "missing.pt") is None and checkpoint_image_size("random") is None
+    with pytest.raises(ValueError, match="image_size must be a multiple of the patch size 14"):
+        build_medsam3("tiny", device="cpu", image_size=100)
+
+
+def test_corrupted_text_encoder_is_taken_from_sam3(tmp_path: Path, source, caplog) -> None:
+    model, expected = source
+    state = dict(model.state_dict())
+    key = "detector.backbone.language_backbone.encoder.transformer.resblocks.0.mlp.c_fc.weight"
+    assert key in state
+    state[key] = torch.full_like(state[key], float("nan"))
+    torch.save({"model": state}, tmp_path / "medical.pt")
+    torch.save(model.state_dict(), tmp_path / "sam3.pt")
+    with pytest.raises(CheckpointError, match="text-encoder tensors.*give SAM3's sam3.pt as --text_encoder_ckpt_path"):
+        load_checkpoint(tiny_model(), tmp_path / "medical.pt")
+    for option in ({"text_encoder_path": tmp_path / "sam3.pt"}, {"tracker_path": tmp_path / "sam3.pt"}):
+        target = tiny_model(seed=0)
+        with caplog.at_level("WARNING"):
+            report = load_checkpoint(target, tmp_path / "medical.pt", **option)
+        assert report.text_encoder_replaced == [key] and key in caplog.text
+        _assert_same(model_outputs(target), expected)
+    elsewhere = dict(model.state_dict())
+    other = "detector.dot_prod_scoring.prompt_proj.weight"
+    elsewhere[other] = torch.full_like(elsewhere[other], float("inf"))
+    torch.save(elsewhere, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=f"NaN/Inf values in 1 tensors, e.g. \\['{other}'\\]"):
+        load_checkpoint(tiny_model(), tmp_path / "bad.pt", text_encoder_path=tmp_path / "sam3.pt")

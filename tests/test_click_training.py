@@ -1,4 +1,4 @@
-"""Click-prompt training: simulated interactive rounds on the tracker's SAM heads, matching the predictor's path."""
+"""Tracker training: simulated sessions on slice clips (prompted rounds, then propagation), matching the predictor."""
 
 from __future__ import annotations
 
@@ -8,16 +8,17 @@ import torch
 import torch.nn.functional as F
 from helpers import random_slices, tiny_model
 
-from scripts.click_simulation import next_click
 from scripts.click_training import (
     ClickPromptLoss,
     ClickSimulation,
     corrective_points,
     low_res_targets,
-    simulate_click_rounds,
+    simulate_tracking,
 )
+from scripts.clicks import next_click
 from scripts.cpu_compat import device_fallbacks
-from scripts.model_builder import MODEL_SIZES, MedSam3, empty_geometry, find_stage
+from scripts.model_sizes import MODEL_SIZES
+from scripts.network import MedSam3, empty_geometry, find_stage
 from scripts.predictor import Medsam3Predictor
 
 CPU = torch.device("cpu")
@@ -54,7 +55,8 @@ def test_first_click_matches_the_predictor() -> None:
     slices = random_slices(num=1, height=LOW, width=LOW)  # slice pixel (r, c) = low-res cell (r, c)
     target = _disc((90, 130), 35)[None]
     with torch.no_grad(), device_fallbacks(CPU):
-        out = model(_model_input(slices), ["liver"], target, ClickSimulation(rounds=1, box_probability=0.0))
+        simulation = ClickSimulation(rounds=1, box_probability=0.0, text_probability=0.0)
+        out = model(_model_input(slices), ["liver"], target, simulation)
     first = out["click_rounds"][0]
     assert first["point_labels"].tolist() == [[1]] and first["mask_logits"].shape[1] == 3  # multimask, one click
     x, y = first["point_coords"][0, 0].tolist()
@@ -73,7 +75,7 @@ def test_first_box_matches_the_predictor() -> None:
     slices = random_slices(num=1, height=SIZE, width=SIZE)
     target = torch.zeros(1, SIZE, SIZE)
     target[0, 60:131, 80:161] = 1
-    simulation = ClickSimulation(rounds=1, box_probability=1.0, box_jitter=0.0)
+    simulation = ClickSimulation(rounds=1, box_probability=1.0, text_probability=0.0, box_jitter=0.0)
     with torch.no_grad(), device_fallbacks(CPU):
         out = model(_model_input(slices), ["liver"], target, simulation)
     first = out["click_rounds"][0]
@@ -109,11 +111,12 @@ def test_corrective_click_goes_to_the_largest_error() -> None:
 def test_each_round_adds_the_click_next_click_gives() -> None:
     model = tiny_model()
     features = _sam2_features(model, _model_input(random_slices(num=2, height=SIZE, width=SIZE)))
-    targets = torch.stack([_disc((80, 90), 30), _disc((140, 120), 45), torch.zeros(SIZE, SIZE)])
-    model.train()
-    rounds = simulate_click_rounds(
-        model.tracker, features, targets, torch.tensor([0, 1, 0]), ClickSimulation(rounds=4), np.random.default_rng(1)
+    targets = torch.stack(
+        [_disc((80, 90), 30), _disc((140, 120), 45), torch.zeros(SIZE, SIZE), torch.zeros(SIZE, SIZE)]
     )
+    model.train()
+    simulation = ClickSimulation(rounds=4, text_probability=0.0)
+    rounds = simulate_tracking(model.tracker, features, targets, 1, simulation, np.random.default_rng(1))
     assert len(rounds) == 4
     reference = low_res_targets(targets, LOW)[:2].bool().numpy()
     for before, after in zip(rounds, rounds[1:], strict=False):
@@ -132,11 +135,11 @@ def test_rounds_are_reproducible_from_the_seeds() -> None:
     model = tiny_model()
     features = _sam2_features(model, _model_input(random_slices(num=1, height=SIZE, width=SIZE)))
     targets = _disc((100, 110), 40)[None]
-    simulation = ClickSimulation(rounds=2, box_probability=1.0)
+    simulation = ClickSimulation(rounds=2, box_probability=1.0, text_probability=0.0)
 
     def run() -> list[torch.Tensor]:
         torch.manual_seed(3)  # no generator given: the jitter is seeded from torch's RNG
-        rounds = simulate_click_rounds(model.tracker.eval(), features, targets, torch.tensor([0]), simulation)
+        rounds = simulate_tracking(model.tracker.eval(), features, targets, 1, simulation)
         return [r[k] for r in rounds for k in ("point_coords", "point_labels", "best_mask_logits")]
 
     first, second = run(), run()
@@ -152,7 +155,7 @@ def test_loss_trains_the_sam_heads_through_forward() -> None:
     with device_fallbacks(CPU):
         out = model(images, ["liver", "spleen"], targets, ClickSimulation(rounds=2), np.random.default_rng(0))
         terms = ClickPromptLoss()(out, targets)
-    assert set(terms) == {"click_mask", "click_iou", "loss"}
+    assert set(terms) == {"click_mask", "click_iou", "click_object", "loss"}
     assert all(torch.isfinite(v) for v in terms.values()) and terms["loss"] > 0
     terms["loss"].backward()
     for module in (model.tracker.sam_mask_decoder, model.tracker.sam_prompt_encoder):
@@ -170,7 +173,7 @@ def test_loss_decreases_on_a_fixed_slice() -> None:
     loss_fn, generator, simulation = ClickPromptLoss(), np.random.default_rng(0), ClickSimulation(rounds=2)
     losses = []
     for _ in range(60):  # it first drops to "all background", then learns the disc
-        rounds = simulate_click_rounds(tracker, features, targets, torch.tensor([0]), simulation, generator)
+        rounds = simulate_tracking(tracker, features, targets, 1, simulation, generator)
         loss = loss_fn({"click_rounds": rounds}, targets)["loss"]
         optimiser.zero_grad()
         loss.backward()
@@ -224,7 +227,82 @@ def test_bad_settings_and_shapes_raise() -> None:
         ClickSimulation(box_jitter=-0.1)
     model = tiny_model()
     features = _sam2_features(model, _model_input(random_slices(num=1, height=SIZE, width=SIZE)))
-    with pytest.raises(ValueError, match=r"Expected N x S x S click targets for 2 pairs, got \(1, 224, 224\)"):
-        simulate_click_rounds(
-            model.tracker, features, torch.zeros(1, SIZE, SIZE), torch.tensor([0, 0]), ClickSimulation()
-        )
+    with pytest.raises(ValueError, match=r"targets for clips of 1 among 1 images, got \(224, 224\)"):
+        simulate_tracking(model.tracker, features, torch.zeros(SIZE, SIZE), 1, ClickSimulation())
+    with pytest.raises(ValueError, match="box_probability \\+ text_probability must be at most 1"):
+        ClickSimulation(box_probability=0.6, text_probability=0.6)
+
+
+def _clip_targets(present: list[bool]) -> torch.Tensor:
+    """One prompt on one clip: a disc shrinking slice by slice where ``present``, empty elsewhere."""
+    return torch.stack(
+        [_disc((110, 110), 50 - 6 * t) if on else torch.zeros(SIZE, SIZE) for t, on in enumerate(present)]
+    )
+
+
+def test_tracking_propagates_through_the_clip_and_trains_the_memory() -> None:
+    """Prompted rounds on slice 0, then slices 1..K-1 from memory; gradients reach memory attention and encoder."""
+    model = tiny_model().train()
+    images = _model_input(random_slices(num=4, height=SIZE, width=SIZE))
+    targets = _clip_targets([True, True, True, False])
+    simulation = ClickSimulation(rounds=2, text_probability=0.0, second_prompt_probability=1.0)
+    with device_fallbacks(CPU):
+        out = model(images, ["liver"], targets, simulation, np.random.default_rng(0), clip=4)
+        terms = ClickPromptLoss()(out, targets)
+    records = out["click_rounds"]
+    # the last slice does not show the structure, so it is not prompted: one prompted slice, then propagation
+    assert [int(r["frame"]) for r in records] == [0, 0, 1, 2, 3]
+    assert [r["pairs"].tolist() for r in records] == [[0], [0], [1], [2], [3]]
+    assert "point_coords" not in records[2] and records[2]["mask_logits"].shape[1] == 3  # multimask when tracking
+    assert terms["click_object"] > 0 and torch.isfinite(terms["loss"])
+    terms["loss"].backward()
+    tracker = model.tracker
+    for module in (tracker.transformer.encoder, tracker.maskmem_backbone, tracker.obj_ptr_proj):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters()), module
+
+
+def test_two_prompted_slices_when_both_show_the_structure() -> None:
+    model = tiny_model().train()
+    features = _sam2_features(model, _model_input(random_slices(num=4, height=SIZE, width=SIZE)))
+    targets = _clip_targets([True] * 4)
+    simulation = ClickSimulation(rounds=2, text_probability=0.0, second_prompt_probability=1.0)
+    with device_fallbacks(CPU):
+        records = simulate_tracking(model.tracker, features, targets, 4, simulation, np.random.default_rng(0))
+    assert [int(r["frame"]) for r in records] == [0, 0, 3, 3, 1, 2]
+
+
+def test_text_first_prompt_feeds_the_text_result_as_previous_mask() -> None:
+    """A text-first session gives the click with the detector's mask, as clicks refining a text result do."""
+    model = _present_model()
+    features = _sam2_features(model, _model_input(random_slices(num=1, height=SIZE, width=SIZE)))
+    targets = _disc((100, 100), 40)[None]
+    text = torch.full((1, LOW, LOW), -1e4)
+    text[0, 10:30, 10:30] = 8.0
+    only_text = ClickSimulation(rounds=1, box_probability=0.0, text_probability=1.0)
+    only_click = ClickSimulation(rounds=1, box_probability=0.0, text_probability=0.0)
+    with torch.no_grad(), device_fallbacks(CPU):
+        with_text = simulate_tracking(model.tracker, features, targets, 1, only_text, np.random.default_rng(0), text)
+        plain = simulate_tracking(model.tracker, features, targets, 1, only_click, np.random.default_rng(0), text)
+    assert torch.equal(with_text[0]["point_coords"], plain[0]["point_coords"])
+    assert not torch.equal(with_text[0]["best_mask_logits"], plain[0]["best_mask_logits"])
+
+
+def test_object_score_learns_where_the_structure_ends() -> None:
+    """Training the tracker on one clip: the object score rises on slices showing the disc and falls past it."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    features = _sam2_features(model, _model_input(random_slices(num=4, height=SIZE, width=SIZE, seed=5)))
+    targets = _clip_targets([True, True, False, False])
+    tracker = model.tracker.train()
+    optimiser = torch.optim.Adam(tracker.parameters(), lr=3e-3)
+    simulation = ClickSimulation(rounds=1, text_probability=0.0)
+    generator = np.random.default_rng(0)
+    for _ in range(40):
+        with device_fallbacks(CPU):
+            records = simulate_tracking(tracker, features, targets, 4, simulation, generator)
+            loss = ClickPromptLoss()({"click_rounds": records}, targets)["loss"]
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    scores = {int(r["frame"]): float(r["object_score_logits"].sigmoid()) for r in records}
+    assert scores[0] > 0.5 and scores[1] > 0.5 and scores[2] < 0.5 and scores[3] < 0.5, scores

@@ -316,7 +316,8 @@ def test_points_land_in_the_same_structure(code: str, plane: str) -> None:
         points = voxels[:: max(1, len(voxels) // 7)]
         mapped = view.points_to_view(points)
         assert (view_label[tuple(mapped.T)] == value).all()
-        np.testing.assert_array_equal(view.points_from_view(mapped), points)
+        view_image = view.to_view(volume.array)
+        np.testing.assert_array_equal(view_image[tuple(mapped.T)], volume.array[tuple(points.T)])
 
 
 @pytest.mark.parametrize("code", ["RAS", "PSR", "ILA"])
@@ -358,8 +359,6 @@ def test_view_errors() -> None:
         view.points_to_view(np.array([[1, 1, 1], [20, 0, 0]]))
     with pytest.raises(ValueError, match=r"Point \[-1, 0, 0\] is outside"):
         view.points_to_view([[-1, 0, 0]])
-    with pytest.raises(ValueError, match=r"Point \[12, 0, 0\] is outside the view \(shape \(12, 20, 24\)\)"):
-        view.points_from_view([[12, 0, 0]])
     with pytest.raises(ValueError, match="points must be N x 3"):
         view.points_to_view([1, 2, 3])
     with pytest.raises(ValueError, match="must be integer voxel indices"):

@@ -166,9 +166,13 @@ def test_bad_files(tmp_path, phantoms) -> None:
 def test_other_planes_map_back_to_the_input_grid(phantoms, plane: str) -> None:
     predictor = Medsam3Predictor(tiny_model(seed=2), batch_size=6, score_threshold=0.0)
     volume = read_image(phantoms["PSR"][0])
-    result = VolumeSegmenter(predictor, load_vocabulary(), plane=plane).segment(
-        volume, PromptSet.create(texts=["liver"])
-    )
+    segmenter = VolumeSegmenter(predictor, load_vocabulary(), plane=plane)
+    result = segmenter.segment(volume, PromptSet.create(texts=["liver"]))
     assert result.label.shape == volume.array.shape
-    axial = VolumeSegmenter(predictor, load_vocabulary()).segment(volume, PromptSet.create(texts=["liver"]))
-    assert not np.array_equal(result.label, axial.label)  # the model saw other slices
+    # PSR storage: coronal slices run along the file's first axis (P), sagittal along its last (R)
+    encoding = segmenter.encode(volume, "liver")
+    assert encoding.num_slices == volume.array.shape[{"coronal": 0, "sagittal": 2}[plane]]
+    view = SliceView.for_volume(volume, plane)
+    logits = predictor.segment_text(encoding, ["liver"])
+    expected = view.from_view(predictor.label_map(encoding, logits, [1]))
+    np.testing.assert_array_equal(result.label, expected)

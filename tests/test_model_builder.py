@@ -9,7 +9,8 @@ import torch
 from helpers import tiny_model
 
 from scripts.cpu_compat import device_fallbacks
-from scripts.model_builder import MODEL_SIZES, bpe_vocabulary_path, build_medsam3
+from scripts.model_builder import build_medsam3
+from scripts.model_sizes import MODEL_SIZES, bpe_vocabulary_path
 
 
 @pytest.mark.slow

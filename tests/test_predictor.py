@@ -66,14 +66,22 @@ def test_clicks_propagate_both_ways(model) -> None:
     assert (result.scores > 0).all()  # every slice was visited, before and after the clicked one
 
 
-def test_propagation_stops_after_empty_slices(model) -> None:
-    predictor = Medsam3Predictor(model, max_empty_slices=1)
-    encoding = predictor.encode(random_slices(9))
-    result = predictor.segment_clicks(encoding, np.array([[4, 10, 10]]), np.array([1]))
-    visited = (result.scores > 0).nonzero().flatten().tolist()
-    empty = [i for i in visited if i != 4 and not (result.logits[i] > 0).any()]
-    # The random tiny model finds nothing beyond the clicked slice, so one empty slice each way ends it.
-    assert len(visited) < 9 and 4 in visited and len(empty) >= 1
+def _fixed_object_score(logit: float) -> torch.nn.Module:
+    """A tiny model whose tracker gives every slice the object-score ``logit`` (< 0: "absent")."""
+    fixed = tiny_model()
+    last = fixed.tracker.sam_mask_decoder.pred_obj_score_head.layers[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.fill_(logit)
+    return fixed
+
+
+@pytest.mark.parametrize(("limit", "visited"), [(2, [2, 3, 4, 5, 6]), (1, [3, 4, 5])])
+def test_propagation_stops_after_empty_slices(limit: int, visited: list[int]) -> None:
+    """An absent object ends propagation after ``max_empty_slices`` slices each way from the clicked one."""
+    predictor = Medsam3Predictor(_fixed_object_score(-10.0), max_empty_slices=limit)
+    result = predictor.segment_clicks(predictor.encode(random_slices(9)), np.array([[4, 10, 10]]), np.array([1]))
+    assert (result.scores > 0).nonzero().flatten().tolist() == visited
 
 
 def test_clicks_keep_initial_result_where_propagation_stops(model) -> None:

@@ -14,9 +14,9 @@ import torch
 from helpers import model_outputs, tiny_model
 
 from scripts.checkpoint import TRACKER_PREFIXES, CheckpointError, load_network
+from scripts.label_numbering import dataset_labels
 from scripts.losses import TextPromptLoss
 from scripts.phantom import write_phantom
-from scripts.runner import label_names_from
 from scripts.training import param_groups, prepare_network
 from scripts.training_data import SlicePromptDataset, label_prompts
 from scripts.vocabulary import load_vocabulary
@@ -133,10 +133,10 @@ def test_items_with_their_own_labels(datalist: Path) -> None:
             }
         )
     )
-    assert label_names_from(None, path) == {1: "liver", 2: "aorta"}
+    assert dataset_labels(None, path) == {1: "liver", 2: "aorta"}
     path.write_text(json.dumps({"training": [{**training[0], "labels": {"1": "liver"}}, training[1]]}))
     with pytest.raises(ValueError, match="have no 'labels' map"):
-        label_names_from(None, path)
+        dataset_labels(None, path)
 
 
 def test_loss_ignores_pairs_the_sample_does_not_annotate() -> None:

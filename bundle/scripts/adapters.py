@@ -48,7 +48,6 @@ __all__ = [
     "image_encoder",
     "is_adaptation_key",
     "load_adaptation",
-    "merge_lora",
 ]
 
 TRUNK_PATH = "detector.backbone.vision_backbone.trunk"
@@ -58,13 +57,13 @@ ADAPTER_NAME = "adapter3d"  # child module name of the 3D adapter inside a ViT b
 MODES = ("full", "lora", "adapter3d")
 ADAPTATION_ATTRIBUTE = "adaptation"  # the configure_adaptation arguments, recorded on the model
 # Trained with the adapters when ``heads=True`` (MA-SAM also trains SAM's mask decoder): the detector's DETR decoder,
-# mask and scoring heads, and the tracker's prompt encoder and mask decoder (boxes and clicks).
+# mask and scoring heads, and the whole tracker: the heads that answer boxes and clicks and the memory that carries a
+# mask across slices.
 HEAD_PREFIXES = (
     "detector.transformer.decoder.",
     "detector.segmentation_head.",
     "detector.dot_prod_scoring.",
-    "tracker.sam_prompt_encoder.",
-    "tracker.sam_mask_decoder.",
+    "tracker.",  # prompt encoder, mask decoder, memory attention, memory encoder, object pointers
 )
 
 
@@ -97,21 +96,6 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
         return F.linear(x, self.weight, self.bias) + self.scaling * update
-
-    def merged(self) -> nn.Linear:
-        """A plain ``nn.Linear`` with weight ``W + (alpha / r) B A``: the same function without the extra matmuls."""
-        linear = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            device=self.weight.device,
-            dtype=self.weight.dtype,
-        )
-        with torch.no_grad():
-            linear.weight.copy_(self.weight + self.scaling * (self.lora_B @ self.lora_A))
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear.requires_grad_(self.weight.requires_grad)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
@@ -150,7 +134,7 @@ class SliceAdapter3D(nn.Module):
 
 
 def image_encoder(model: nn.Module) -> ViT:
-    """The SAM3 ViT image encoder of a :class:`scripts.model_builder.MedSam3` (``detector...trunk``)."""
+    """The SAM3 ViT image encoder of a :class:`scripts.network.MedSam3` (``detector...trunk``)."""
     try:
         trunk = model.get_submodule(TRUNK_PATH)
     except AttributeError as error:
@@ -203,19 +187,6 @@ def apply_lora(
         setattr(parent, attribute, LoRALinear(layer, rank, alpha, dropout))
         names += [f"{TRUNK_PATH}.blocks.{index}.{target}.{p}" for p in LORA_PARAMETERS]
     return names
-
-
-def merge_lora(model: nn.Module) -> list[str]:
-    """Fold every :class:`LoRALinear` into a plain ``nn.Linear`` (fast inference, base key names); return their names.
-
-    Outputs are unchanged up to float rounding; the merged model no longer has LoRA parameters to train or save.
-    """
-    merged = [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]
-    for name in merged:
-        parent_name, _, attribute = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, attribute, getattr(parent, attribute).merged())
-    return merged
 
 
 def _run_adapter(block: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:

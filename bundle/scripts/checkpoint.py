@@ -3,13 +3,17 @@
 Formats understood (all loaded with ``weights_only=True`` onto the CPU first):
 
 * SAM3 (``sam3.pt``): ``detector.*`` and ``tracker.*`` keys;
-* Medical SAM3 (``checkpoint.pt``): detector keys with or without the ``detector.`` prefix, possibly wrapped as
-  ``{"model": state_dict}``; usually detector-only, so click prompts need the tracker of a SAM3 checkpoint, given
-  as ``tracker_path``;
+* Medical SAM3: its trainer's ``{"model": detector.* + tracker.*, "optimizer", "epoch", ...}`` (about 10 GB with the
+  optimizer state), or detector keys with or without the ``detector.`` prefix; a file without tracker keys needs the
+  tracker of a SAM3 checkpoint (``tracker_path``) for clicks;
 * this project's own checkpoints (:func:`save_checkpoint`): ``{"format": "medsam3", "model_size", "state_dict"}``.
 
+Files are memory-mapped, so only the model's tensors are read (an optimizer state never is). ``freqs_cis`` tables
+are recomputed for the model's input size, never loaded, so files saved at 504 or 1008 pixels load into either.
 Nothing loads silently: keys the model needs but no file provides stop the load with a message naming the
-missing groups, unexpected keys are reported, shapes must match and every tensor must be finite.
+missing groups, unexpected keys are reported, shapes must match and every tensor must be finite, except that
+non-finite text-encoder tensors (a language backbone that training corrupted) are taken from ``text_encoder_path``
+or the tracker checkpoint, with a warning naming them.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ PROJECT_FORMAT = "medsam3"
 RANDOM_WEIGHTS = "random"  # ckpt_path value that keeps random weights, for tests and benchmarks
 # Keys the tracker (click prompts, propagation across slices) needs; the detector alone serves text and boxes.
 TRACKER_PREFIXES = ("tracker.", "detector.backbone.vision_backbone.sam2_convs.")
+TEXT_ENCODER_PREFIX = "detector.backbone.language_backbone."
+RECOMPUTED_SUFFIX = "freqs_cis"  # RoPE tables of the ViT: a function of the input size, recomputed by the model
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -55,6 +61,7 @@ class LoadReport:
     sources: dict[str, int] = field(default_factory=dict)  # file -> number of keys taken from it
     unexpected: list[str] = field(default_factory=list)
     interactive: bool = True  # False when the tracker weights were absent (text and box prompts only)
+    text_encoder_replaced: list[str] = field(default_factory=list)  # non-finite tensors taken from another file
 
     def summary(self) -> str:
         parts = [f"{count} keys from {name}" for name, count in self.sources.items()]
@@ -62,7 +69,23 @@ class LoadReport:
             parts.append(f"{len(self.unexpected)} unexpected keys ignored (e.g. {self.unexpected[:3]})")
         if not self.interactive:
             parts.append("no tracker weights: click prompts unavailable")
+        if self.text_encoder_replaced:
+            parts.append(f"{len(self.text_encoder_replaced)} corrupted text-encoder tensors replaced")
         return "; ".join(parts)
+
+
+def _load_file(path: Path, what: str = "checkpoint") -> object:
+    """``torch.load`` memory-mapped: tensors are read from disk when used, so unused parts (an optimizer state) never
+    are; files in the legacy (pre-zip) format cannot be mapped and are read whole."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for truncated or foreign files
+        raise CheckpointError(f"Cannot read {what} {path}: {error}") from error
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -70,10 +93,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint file not found: {path}")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for truncated or foreign files
-        raise CheckpointError(f"Cannot read checkpoint {path}: {error}") from error
+    raw = _load_file(path)
     if not isinstance(raw, Mapping):
         raise CheckpointError(f"Checkpoint {path} holds a {type(raw).__name__}, not a state dict")
     if raw.get("format") == PROJECT_FORMAT:
@@ -105,14 +125,17 @@ def load_checkpoint(
     path: str | Path,
     tracker_path: str | Path | None = None,
     require_tracker: bool = False,
+    text_encoder_path: str | Path | None = None,
 ) -> LoadReport:
     """Load weights into ``model`` in place; raise :class:`CheckpointError` rather than load a partial model.
 
     Args:
-        model: a :class:`scripts.model_builder.MedSam3` of the size the checkpoint was made for.
+        model: a :class:`scripts.network.MedSam3` of the size the checkpoint was made for.
         path: the main checkpoint (any format above).
         tracker_path: optional SAM3 checkpoint providing the tracker (and its neck) when ``path`` lacks it.
         require_tracker: fail instead of serving text/box prompts only when no tracker weights are found.
+        text_encoder_path: where non-finite text-encoder tensors of ``path`` are taken from (default: the tracker
+            checkpoint, SAM3's ``sam3.pt``, which holds the original text encoder).
     """
     expected = model.state_dict()
     report = LoadReport()
@@ -126,14 +149,17 @@ def load_checkpoint(
         report.sources[str(source)] = len(state)
         merged.update(state)
 
+    recomputed = [k for k in merged if k.endswith(RECOMPUTED_SUFFIX)]
+    for key in recomputed:
+        merged.pop(key)
     report.unexpected = sorted(k for k in merged if k not in expected)
     for key in report.unexpected:
         merged.pop(key)
     _check_shapes(merged, expected, model)
     missing = sorted(k for k in expected if k not in merged)
     # LoRA / 3D-adapter parameters (scripts.adapters) are not in base checkpoints: they keep their current values.
-    kept = [k for k in missing if is_adaptation_key(k)]
-    missing = [k for k in missing if not is_adaptation_key(k)]
+    kept = [k for k in missing if is_adaptation_key(k) or k.endswith(RECOMPUTED_SUFFIX)]
+    missing = [k for k in missing if k not in kept]
     missing_tracker = [k for k in missing if k.startswith(TRACKER_PREFIXES)]
     missing_required = [k for k in missing if not k.startswith(TRACKER_PREFIXES)]
     if missing_required:
@@ -149,16 +175,41 @@ def load_checkpoint(
                 "give the SAM3 checkpoint (sam3.pt) as the tracker checkpoint for click prompts"
             )
         report.interactive = False
+    report.text_encoder_replaced = _replace_corrupted_text_encoder(merged, path, text_encoder_path or tracker_path)
     _check_finite(merged, path)
     # Every expected key is accounted for above: the tracker's keys are either all present or all kept at
     # their initial values with click prompts disabled, so strict loading is not possible but nothing is silent.
     model.load_state_dict(merged, strict=not (missing_tracker or kept))
     if kept:
-        logger.info("Kept %d adaptation parameters at their current values (not in the checkpoint)", len(kept))
+        logger.info("Kept %d adaptation parameters and position tables at their current values", len(kept))
     if report.unexpected:
         logger.warning("Ignored %d unexpected checkpoint keys, e.g. %s", len(report.unexpected), report.unexpected[:5])
     logger.info("Loaded checkpoint: %s", report.summary())
     return report
+
+
+def _replace_corrupted_text_encoder(
+    state: dict[str, torch.Tensor], path: str | Path, fallback: str | Path | None
+) -> list[str]:
+    """Swap non-finite text-encoder tensors of ``state`` for ``fallback``'s (Medical SAM3's NaN fallback)."""
+    corrupted = [k for k, v in state.items() if k.startswith(TEXT_ENCODER_PREFIX) and not _finite(v)]
+    if not corrupted:
+        return []
+    if fallback is None:
+        raise CheckpointError(
+            f"Checkpoint {path} has NaN/Inf values in {len(corrupted)} text-encoder tensors, e.g. {corrupted[:3]}: "
+            "give SAM3's sam3.pt as --text_encoder_ckpt_path (or --tracker_ckpt_path) to take them from there"
+        )
+    source = read_state_dict(fallback)
+    unusable = [k for k in corrupted if k not in source or source[k].shape != state[k].shape or not _finite(source[k])]
+    if unusable:
+        raise CheckpointError(f"{fallback} cannot replace the corrupted text-encoder tensors {unusable[:3]}")
+    for key in corrupted:
+        state[key] = source[key]
+    logger.warning(
+        "Replaced %d non-finite text-encoder tensors of %s by %s's: %s", len(corrupted), path, fallback, corrupted
+    )
+    return corrupted
 
 
 def _check_shapes(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], model: nn.Module) -> None:
@@ -171,8 +222,12 @@ def _check_shapes(state: Mapping[str, torch.Tensor], expected: Mapping[str, torc
         )
 
 
+def _finite(tensor: torch.Tensor) -> bool:
+    return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
+
+
 def _check_finite(state: Mapping[str, torch.Tensor], path: str | Path) -> None:
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = [k for k, v in state.items() if not _finite(v)]
     if bad:
         raise CheckpointError(f"Checkpoint {path} has NaN/Inf values in {len(bad)} tensors, e.g. {bad[:3]}")
 
@@ -200,7 +255,7 @@ def save_checkpoint(
         "format": PROJECT_FORMAT,
         "model_size": _size_name(model),
         "state_dict": {k: v.detach().cpu() for k, v in (state_dict or model.state_dict()).items()},
-        "meta": meta,
+        "meta": {"image_size": getattr(model, "image_size", None), **meta},
     }
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
@@ -210,10 +265,7 @@ def save_checkpoint(
 
 def read_adaptation_file(path: str | Path) -> tuple[dict[str, object], str, dict[str, torch.Tensor]]:
     """``(adaptation config, model size, tensors)`` of a LoRA / 3D-adapter file, refusing anything else."""
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for missing, truncated or foreign files
-        raise CheckpointError(f"Cannot read adapter weights {path}: {error}") from error
+    raw = _load_file(Path(path), "adapter weights")
     meta = raw.get("meta", {}) if isinstance(raw, Mapping) and raw.get("format") == PROJECT_FORMAT else {}
     config = meta.get(ADAPTATION_ATTRIBUTE) or {}
     if config.get("mode") not in ("lora", "adapter3d"):
@@ -248,19 +300,25 @@ def load_adaptation_file(model: nn.Module, path: str | Path) -> dict[str, object
 
 
 def load_network(
-    network: nn.Module, ckpt_path: str | None, tracker_ckpt_path: str | None = None, adapter_path: str | None = None
+    network: nn.Module,
+    ckpt_path: str | None,
+    tracker_ckpt_path: str | None = None,
+    adapter_path: str | None = None,
+    text_encoder_ckpt_path: str | None = None,
 ) -> nn.Module:
     """Load weights into ``network``, then the fine-tuned ``adapter_path`` on top when given.
 
     ``ckpt_path="random"`` keeps the random initialisation (tests, benchmarks).
     """
-    network = _load_base(network, ckpt_path, tracker_ckpt_path)
+    network = _load_base(network, ckpt_path, tracker_ckpt_path, text_encoder_ckpt_path)
     if adapter_path:
         load_adaptation_file(network, adapter_path)
     return network
 
 
-def _load_base(network: nn.Module, ckpt_path: str | None, tracker_ckpt_path: str | None) -> nn.Module:
+def _load_base(
+    network: nn.Module, ckpt_path: str | None, tracker_ckpt_path: str | None, text_encoder_ckpt_path: str | None
+) -> nn.Module:
     if ckpt_path == RANDOM_WEIGHTS:
         logger.warning("Using RANDOM weights (ckpt_path=random): masks are meaningless; for tests and benchmarks only")
         network.interactive = True
@@ -272,13 +330,31 @@ def _load_base(network: nn.Module, ckpt_path: str | None, tracker_ckpt_path: str
             "for click prompts with a detector-only Medical SAM3 checkpoint also pass --tracker_ckpt_path sam3.pt. "
             "See bundle/docs/README.md."
         )
-    if tracker_ckpt_path and not Path(tracker_ckpt_path).is_file():
-        raise FileNotFoundError(f"Tracker checkpoint not found at {tracker_ckpt_path!r} (SAM3's sam3.pt, for clicks)")
-    report = load_checkpoint(network, ckpt_path, tracker_path=tracker_ckpt_path or None)
+    for option, extra in (("tracker_ckpt_path", tracker_ckpt_path), ("text_encoder_ckpt_path", text_encoder_ckpt_path)):
+        if extra and not Path(extra).is_file():
+            raise FileNotFoundError(f"{option} not found at {extra!r} (SAM3's sam3.pt)")
+    report = load_checkpoint(
+        network, ckpt_path, tracker_path=tracker_ckpt_path or None, text_encoder_path=text_encoder_ckpt_path or None
+    )
     if not report.interactive:
         logger.warning("No tracker weights: text prompts only. Put SAM3's sam3.pt at models/sam3.pt for clicks/boxes")
     network.interactive = report.interactive
     return network
+
+
+def checkpoint_image_size(path: str | Path, patch_size: int = 14) -> int | None:
+    """The input size a checkpoint was trained at: recorded by :func:`save_checkpoint`, else read off the size of its
+    global-attention RoPE tables (1296 rows: 36 x 36 patches, 504 px; 5184: 1008 px); None when it does not say."""
+    if not path or path == RANDOM_WEIGHTS or not Path(path).is_file():
+        return None
+    raw = _load_file(Path(path))
+    if isinstance(raw, Mapping) and raw.get("format") == PROJECT_FORMAT and raw.get("meta", {}).get("image_size"):
+        return int(raw["meta"]["image_size"])
+    rows = [v.shape[0] for k, v in read_state_dict(path).items() if k.endswith(RECOMPUTED_SUFFIX) and v.ndim == 2]
+    if not rows:
+        return None
+    side = int(round(max(rows) ** 0.5))
+    return side * patch_size if side * side == max(rows) else None
 
 
 def file_if_present(path: str | Path) -> str:

@@ -1,14 +1,21 @@
-"""Training the tracker's SAM heads (box and click prompts) with simulated interactive rounds, as SAM / SAM 2 do.
+"""Training the tracker as SAM 2 trains on video: slice clips prompted on one or two slices, then propagated.
 
-Text-prompt training never reaches the heads that answer boxes and clicks at inference. Here each (prompt, slice)
-pair with a visible target gets a first prompt (a jittered box of the target, or one click at its deepest point),
-then each later round adds one corrective click at the deepest point of the largest error of the previous round
-(:func:`scripts.click_simulation.next_click`, the evaluation protocol) and feeds back the previous mask logits,
-as :meth:`scripts.predictor.Medsam3Predictor.segment_clicks` does when a user refines a mask.
+Text-prompt training never reaches the heads that answer boxes and clicks, nor the memory that carries a mask to the
+next slice. Here every (prompt, clip) pair whose structure shows on the clip's first slice is tracked through the
+clip (``K`` consecutive slices in either direction, so both propagation directions are trained):
 
-The features are those the predictor gives the tracker on a clicked slice (SAM 2 neck, ``conv_s0``/``conv_s1``,
-no-memory embedding), so the first round reproduces inference exactly. Everything runs inside
-:meth:`scripts.model_builder.MedSam3.forward`, so DistributedDataParallel sees the tracker's gradients.
+1. The first slice gets a first prompt (a click at the structure's deepest point, a jittered box, or a click with
+   the detector's text result as the previous mask, as when a user refines a text result), then ``rounds - 1``
+   corrective clicks at the deepest point of the largest error (:func:`scripts.clicks.next_click`), each round
+   feeding back the previous mask. Sometimes the last slice is prompted the same way too (two conditioning slices).
+2. The other slices are predicted from the tracker's memory (memory attention over the encoded masks and object
+   pointers of the prompted and previous slices), their masks encoded into memory in turn.
+3. Every slice gets a mask loss (focal + Dice on the best candidate, where the structure shows), an IoU-prediction
+   loss and an object-score loss, so slices where the structure is absent teach propagation to stop.
+
+The features are those the predictor gives the tracker (SAM 2 neck, ``conv_s0``/``conv_s1``), so a prompted slice's
+first round reproduces inference exactly. Everything runs inside :meth:`scripts.network.MedSam3.forward`, so
+DistributedDataParallel sees the tracker's gradients.
 """
 
 from __future__ import annotations
@@ -22,140 +29,247 @@ from monai.losses import DiceFocalLoss
 from sam3.model.sam3_tracker_base import Sam3TrackerBase
 from torch import nn
 
-from .click_simulation import next_click
+from .clicks import next_click
 from .losses import low_res_targets
 
-__all__ = ["ClickPromptLoss", "ClickSimulation", "corrective_points", "simulate_click_rounds"]
+__all__ = ["ClickPromptLoss", "ClickSimulation", "corrective_points", "simulate_tracking"]
 
 BOX_LABELS = (2, 3)  # SAM's point labels of a box's top-left and bottom-right corners
 
 
 @dataclass(frozen=True)
 class ClickSimulation:
-    """How the interactive rounds are simulated.
+    """How the interactive sessions are simulated.
 
     Args:
-        rounds: prompting rounds per pair: the first prompt, then ``rounds - 1`` corrective clicks.
-        box_probability: chance that a batch starts from boxes rather than single clicks (one choice per batch, so
-            every pair of a round has the same number of points and one decoder call serves them all).
-        box_jitter: standard deviation of the noise on each box coordinate, as a fraction of the box side
-            (clipped at two deviations), so the heads learn from imprecise user boxes.
+        rounds: prompting rounds on a prompted slice: the first prompt, then ``rounds - 1`` corrective clicks.
+        box_probability: chance that a step's first prompts are boxes (one choice per step, so one decoder call
+            serves every pair of a round).
+        text_probability: chance that they are clicks on top of the detector's text result (the previous mask).
+        second_prompt_probability: chance that the clip's last slice is prompted too, when every tracked pair shows
+            there (two conditioning slices, as when a user corrects a slice far from the first).
+        box_jitter: standard deviation of the noise on each box coordinate, as a fraction of the box side (clipped at
+            two deviations), so the heads learn from imprecise user boxes.
     """
 
     rounds: int = 3
-    box_probability: float = 0.5
+    box_probability: float = 0.25
+    text_probability: float = 0.25
+    second_prompt_probability: float = 0.3
     box_jitter: float = 0.1
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1 (the first prompt), got {self.rounds}")
-        if not 0.0 <= self.box_probability <= 1.0:
-            raise ValueError(f"box_probability must be in [0, 1], got {self.box_probability}")
+        for name in ("box_probability", "text_probability", "second_prompt_probability"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.box_probability + self.text_probability > 1.0:
+            raise ValueError("box_probability + text_probability must be at most 1")
         if self.box_jitter < 0:
             raise ValueError(f"box_jitter must be >= 0, got {self.box_jitter}")
 
 
-def simulate_click_rounds(
+def simulate_tracking(
     tracker: Sam3TrackerBase,
     sam2_features: dict,
     targets: torch.Tensor,
-    image_ids: torch.Tensor,
+    clip: int,
     simulation: ClickSimulation,
     generator: np.random.Generator | None = None,
+    text_masks: torch.Tensor | None = None,
 ) -> list[dict[str, torch.Tensor]]:
-    """Run the interactive rounds of the tracker's SAM heads on every pair whose target is visible.
+    """Track every pair whose target shows on its clip's first slice through the clip; one record per prediction.
 
     Args:
-        tracker: the model's tracker (its prompt encoder and mask decoder are what this trains).
-        sam2_features: ``sam2_backbone_out`` of ``SAM3VLBackbone.forward_image`` on the B images: 3 levels
-            (finest first) of ``backbone_fpn`` and ``vision_pos_enc``, B x C x h x w each.
-        targets: N x S x S binary masks in model-input pixels, pair n on image ``image_ids[n]``.
-        image_ids: N image indices into the B images.
-        simulation: rounds and first-prompt settings.
-        generator: draws the first prompt's kind and box jitter; ``None`` seeds one from torch's RNG, so runs
-            are reproducible under ``torch.manual_seed``.
+        tracker: the model's tracker (prompt encoder, mask decoder, memory attention and memory encoder train here).
+        sam2_features: ``sam2_backbone_out`` of ``SAM3VLBackbone.forward_image`` on the images: 3 levels (finest
+            first) of ``backbone_fpn`` and ``vision_pos_enc``. Image ``b * clip + t`` is slice t of clip b.
+        targets: N x S x S binary masks in model-input pixels, query order: pair n = p * num_images + image.
+        clip: slices per clip.
+        simulation: prompting settings.
+        generator: draws the prompt kinds and box jitter; ``None`` seeds one from torch's RNG (reproducible under
+            ``torch.manual_seed``).
+        text_masks: N x h x w detached low-res logits of the detector's text result per pair (for text-first prompts).
 
     Returns:
-        One dict per round, rows in the order of ``pairs``: ``pairs`` (M pair indices), ``mask_logits``
-        (M x K x h x w, every candidate mask; K = 3 for a single click, as SAM's multimask output, else 1),
-        ``iou_predictions`` (M x K), ``object_score_logits`` (M x 1), ``best_mask_logits`` (M x 1 x h x w,
-        the candidate with the highest predicted IoU: what the predictor returns and the next round refines),
-        ``point_coords`` (M x P x 2, (x, y) in model-input pixels) and ``point_labels`` (M x P: 1 foreground,
-        0 background, 2/3 box corners). Empty when no target is visible.
+        Records in processing order (the prompted slices' rounds, then the other slices in order), each with
+        ``pairs`` (M query indices of the slice predicted, into ``targets``), ``frame``, ``mask_logits`` (M x K x h x
+        w candidates), ``iou_predictions`` (M x K), ``object_score_logits`` (M x 1), ``best_mask_logits`` (M x 1 x h
+        x w, what the predictor returns), and for prompted rounds ``point_coords`` (M x P x 2, (x, y) model-input
+        pixels) and ``point_labels`` (M x P: 1 foreground, 0 background, 2/3 box corners). Empty without a pair.
     """
-    if targets.ndim != 3 or targets.shape[0] != len(image_ids):
-        raise ValueError(f"Expected N x S x S click targets for {len(image_ids)} pairs, got {tuple(targets.shape)}")
-    low = tracker.low_res_mask_size
-    low_targets = low_res_targets(targets, low)
-    pairs = low_targets.flatten(1).any(dim=1).nonzero().squeeze(-1)
-    if pairs.numel() == 0:
+    num_images = int(sam2_features["backbone_fpn"][-1].shape[0])
+    if targets.ndim != 3 or clip < 1 or num_images % clip or targets.shape[0] % num_images:
+        raise ValueError(
+            f"Expected N x S x S targets for clips of {clip} among {num_images} images, got {tuple(targets.shape)}"
+        )
+    low = low_res_targets(targets, tracker.low_res_mask_size)
+    present = low.flatten(1).any(dim=1)
+    first = torch.arange(0, targets.shape[0], clip, device=targets.device)  # frame 0 of every (prompt, clip) pair
+    tracked = first[present[first]]
+    if tracked.numel() == 0:
         return []
     if generator is None:
         generator = np.random.default_rng(int(torch.randint(0, 2**62, (1,))))
-    features, high_res = _conditioning_features(tracker, sam2_features)
-    images = image_ids.to(pairs.device)[pairs]
-    features, high_res = features[images], [level[images] for level in high_res]
-    pair_targets = low_targets[pairs]
-    reference = pair_targets.bool().cpu().numpy()
-    image_size = tracker.image_size
-    if generator.random() < simulation.box_probability:
+    frames = _FrameFeatures(tracker, sam2_features, tracked % num_images)
+    memory: dict[str, dict[int, dict]] = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
+    prompted = [0]
+    if (
+        clip > 1
+        and bool(present[tracked + clip - 1].all())
+        and generator.random() < simulation.second_prompt_probability
+    ):
+        prompted.append(clip - 1)
+    kind = generator.random()
+    records: list[dict[str, torch.Tensor]] = []
+    for frame in prompted:
+        pairs = tracked + frame
+        first_kind = "box" if kind < simulation.box_probability else "click"
+        prior = None
+        if frame == 0 and text_masks is not None and kind >= 1.0 - simulation.text_probability:
+            prior = text_masks[pairs][:, None].detach().float()
+        rounds, out = _prompted_rounds(
+            tracker, frames, frame, clip, pairs, targets, low, first_kind, prior, simulation, generator, memory
+        )
+        records += rounds
+        memory["cond_frame_outputs"][frame] = out
+    for frame in range(1, clip):
+        if frame in prompted:
+            continue
+        record, out = _tracked_slice(tracker, frames, frame, clip, tracked + frame, low, memory)
+        records.append(record)
+        memory["non_cond_frame_outputs"][frame] = out
+    return records
+
+
+class _FrameFeatures:
+    """The tracker's inputs on slice t of every tracked pair's clip: top-level features, positions, high-res maps."""
+
+    def __init__(self, tracker: Sam3TrackerBase, sam2_features: dict, first_images: torch.Tensor) -> None:
+        fpn, pos = sam2_features["backbone_fpn"], sam2_features["vision_pos_enc"]
+        decoder = tracker.sam_mask_decoder
+        self.high_res = [decoder.conv_s0(fpn[0]), decoder.conv_s1(fpn[1])]
+        self.top, self.top_pos = fpn[-1], pos[-1]
+        self.first_images = first_images.to(self.top.device)
+        self.size = tuple(self.top.shape[-2:])
+
+    def at(self, frame: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        images = self.first_images + frame
+        feats = [self.top[images].flatten(2).permute(2, 0, 1)]  # HW x M x C, as the tracker expects
+        pos = [self.top_pos[images].flatten(2).permute(2, 0, 1)]
+        return feats, pos, [level[images] for level in self.high_res]
+
+
+def _prompted_rounds(
+    tracker: Sam3TrackerBase,
+    frames: _FrameFeatures,
+    frame: int,
+    clip: int,
+    pairs: torch.Tensor,
+    targets: torch.Tensor,
+    low: torch.Tensor,
+    first_kind: str,
+    prior: torch.Tensor | None,
+    simulation: ClickSimulation,
+    generator: np.random.Generator,
+    memory: dict,
+) -> tuple[list[dict[str, torch.Tensor]], dict]:
+    """The interactive rounds on a prompted slice, and the slice's memory entry from the last round."""
+    feats, pos, high_res = frames.at(frame)
+    features = tracker._prepare_memory_conditioned_features(
+        frame_idx=frame,
+        is_init_cond_frame=True,
+        current_vision_feats=feats,
+        current_vision_pos_embeds=pos,
+        feat_sizes=[frames.size],
+        output_dict=memory,
+        num_frames=clip,
+    )
+    target = low[pairs]
+    reference = target.bool().cpu().numpy()
+    size = tracker.image_size
+    if first_kind == "box":
         coords, labels = _jittered_boxes(targets[pairs], simulation.box_jitter, generator)
     else:
-        coords, labels = corrective_points(torch.full_like(pair_targets, -1.0), reference, image_size)
+        coords, labels = corrective_points(torch.full_like(target, -1.0), reference, size)
     coords, labels = coords.to(features.device), labels.to(features.device)
-
-    rounds: list[dict[str, torch.Tensor]] = []
-    previous = None
-    for _ in range(simulation.rounds):
-        if previous is not None:
-            new_coords, new_labels = corrective_points(previous[:, 0], reference, image_size)
+    records, previous, outputs = [], prior, None
+    for round_index in range(simulation.rounds):
+        if round_index:
+            new_coords, new_labels = corrective_points(previous[:, 0], reference, size)
             coords = torch.cat([coords, new_coords.to(coords.device)], dim=1)
             labels = torch.cat([labels, new_labels.to(labels.device)], dim=1)
         point_inputs = {"point_coords": coords, "point_labels": labels}
-        candidates, _, ious, best, _, _, object_scores = tracker._forward_sam_heads(
+        outputs = tracker._forward_sam_heads(
             backbone_features=features,
             point_inputs=point_inputs,
             mask_inputs=previous,
             high_res_features=high_res,
             multimask_output=tracker._use_multimask(True, point_inputs),
-            gt_masks=pair_targets,  # read only in training: keeps the masks of present targets (teacher forcing)
+            gt_masks=target,  # read only in training: the target decides presence for memory (teacher forcing)
         )
-        rounds.append(
-            {
-                "pairs": pairs,
-                "mask_logits": candidates,
-                "iou_predictions": ious,
-                "object_score_logits": object_scores,
-                "best_mask_logits": best,
-                "point_coords": coords,
-                "point_labels": labels,
-            }
-        )
-        # A user sees the mask, not its gradient: the next round's inputs are fixed, as at inference.
-        previous = best.detach().float()
-    return rounds
+        records.append({**_record(pairs, frame, outputs), "point_coords": coords, "point_labels": labels})
+        previous = outputs[3].detach().float()  # a user sees the mask, not its gradient
+    return records, _memory_entry(tracker, feats, frames.size, outputs, from_points=True)
 
 
-def _conditioning_features(tracker: Sam3TrackerBase, sam2_features: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The tracker's view of a clicked slice with no memory yet, as in ``Medsam3Predictor._track_step``.
-
-    Returns the B x C x f x f image embedding (plus ``no_mem_embed``, added by the tracker's own memory step) and
-    the two high-resolution levels projected by the mask decoder's ``conv_s0`` / ``conv_s1``.
-    """
-    fpn, pos = sam2_features["backbone_fpn"], sam2_features["vision_pos_enc"]
-    decoder = tracker.sam_mask_decoder
-    high_res = [decoder.conv_s0(fpn[0]), decoder.conv_s1(fpn[1])]
-    top = fpn[-1]
+def _tracked_slice(
+    tracker: Sam3TrackerBase,
+    frames: _FrameFeatures,
+    frame: int,
+    clip: int,
+    pairs: torch.Tensor,
+    low: torch.Tensor,
+    memory: dict,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """A slice predicted from memory alone, as the predictor's propagation does."""
+    feats, pos, high_res = frames.at(frame)
     features = tracker._prepare_memory_conditioned_features(
-        frame_idx=0,
-        is_init_cond_frame=True,
-        current_vision_feats=[top.flatten(2).permute(2, 0, 1)],
-        current_vision_pos_embeds=[pos[-1].flatten(2).permute(2, 0, 1)],
-        feat_sizes=[tuple(top.shape[-2:])],
-        output_dict={"cond_frame_outputs": {}, "non_cond_frame_outputs": {}},
-        num_frames=1,
+        frame_idx=frame,
+        is_init_cond_frame=False,
+        current_vision_feats=feats,
+        current_vision_pos_embeds=pos,
+        feat_sizes=[frames.size],
+        output_dict=memory,
+        num_frames=clip,
     )
-    return features, high_res
+    outputs = tracker._forward_sam_heads(
+        backbone_features=features,
+        high_res_features=high_res,
+        multimask_output=tracker._use_multimask(False, None),
+        gt_masks=low[pairs],
+    )
+    return _record(pairs, frame, outputs), _memory_entry(tracker, feats, frames.size, outputs, from_points=False)
+
+
+def _record(pairs: torch.Tensor, frame: int, outputs: tuple) -> dict[str, torch.Tensor]:
+    candidates, _, ious, best, _, _, object_scores = outputs
+    return {
+        "pairs": pairs,
+        "frame": torch.tensor(frame),
+        "mask_logits": candidates,
+        "iou_predictions": ious,
+        "object_score_logits": object_scores,
+        "best_mask_logits": best,
+    }
+
+
+def _memory_entry(tracker: Sam3TrackerBase, feats: list, size: tuple, outputs: tuple, from_points: bool) -> dict:
+    """What later slices read from this one: its encoded mask, object pointer (and score, for memory selection)."""
+    _, _, ious, _, high_res_best, obj_ptr, object_scores = outputs
+    features, positions = tracker._encode_new_memory(
+        image=None,
+        current_vision_feats=feats,
+        feat_sizes=[size],
+        pred_masks_high_res=high_res_best,
+        object_score_logits=object_scores,
+        is_mask_from_pts=from_points,
+    )
+    entry = {"maskmem_features": features, "maskmem_pos_enc": positions, "obj_ptr": obj_ptr}
+    if tracker.use_memory_selection:
+        entry["eff_iou_score"] = tracker.cal_mem_score(object_scores, ious.max(-1)[0])
+    return entry
 
 
 def corrective_points(
@@ -220,22 +334,23 @@ def _jittered_boxes(
 
 
 class ClickPromptLoss(nn.Module):
-    """SAM's interactive loss over the rounds of :func:`simulate_click_rounds`, averaged over rounds.
+    """SAM 2's video loss over the records of :func:`simulate_tracking`, averaged over records.
 
-    Per round: focal + Dice on the candidate mask that fits best (SAM backpropagates only the best of its
-    multimask outputs, so the candidates can specialise), MSE between every candidate's predicted IoU and its
-    actual IoU (thresholded at 0; the predictor picks the candidate by this prediction). The object score is not
-    trained here: every simulated round shows a present structure, so it would only learn "always present", and
-    propagation relies on it to stop where the structure ends.
+    Per record: focal + Dice on the candidate mask that fits best, where the structure shows (SAM backpropagates only
+    the best of its multimask outputs, so the candidates can specialise); MSE between each candidate's predicted IoU
+    and its actual IoU, where the structure shows; binary cross-entropy of the object score against whether it shows,
+    on every slice (what stops propagation where a structure ends).
 
     Args:
         focal_weight, dice_weight: weights inside MONAI's ``DiceFocalLoss`` (SAM 2 uses 20 : 1).
-        iou_weight: weight of the IoU-prediction term.
+        iou_weight, object_weight: weights of the IoU-prediction and object-score terms.
     """
 
-    def __init__(self, focal_weight: float = 20.0, dice_weight: float = 1.0, iou_weight: float = 1.0) -> None:
+    def __init__(
+        self, focal_weight: float = 20.0, dice_weight: float = 1.0, iou_weight: float = 1.0, object_weight: float = 1.0
+    ) -> None:
         super().__init__()
-        self.weights = {"click_mask": 1.0, "click_iou": iou_weight}
+        self.weights = {"click_mask": 1.0, "click_iou": iou_weight, "click_object": object_weight}
         self.dice_focal = DiceFocalLoss(
             sigmoid=True, reduction="none", gamma=2.0, lambda_dice=dice_weight, lambda_focal=focal_weight
         )
@@ -243,29 +358,34 @@ class ClickPromptLoss(nn.Module):
     def forward(self, outputs: dict, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """``outputs``: :meth:`MedSam3.forward`'s, with ``click_rounds``; ``targets``: the N x S x S click targets.
 
-        Returns the weighted ``loss`` and the terms ``click_mask`` and ``click_iou``. Without any
-        round (no visible target) all are zeros that keep the graph, so ``backward`` still works.
+        Returns the weighted ``loss`` and its terms. Without any record (no structure on a clip's first slice) all
+        are zeros that keep the graph, so ``backward`` still works.
         """
-        rounds = outputs["click_rounds"]
-        if not rounds:
+        records = outputs["click_rounds"]
+        if not records:
             zero = outputs["pred_masks"].float().mean() * 0.0
-            return {"click_mask": zero, "click_iou": zero, "loss": zero}
-        low = low_res_targets(targets, rounds[0]["mask_logits"].shape[-1])
-        per_round = [self._round_terms(r, low[r["pairs"]]) for r in rounds]
-        terms = {name: torch.stack([t[name] for t in per_round]).mean() for name in self.weights}
+            return {**dict.fromkeys(self.weights, zero), "loss": zero}
+        low = low_res_targets(targets, records[0]["mask_logits"].shape[-1])
+        per_record = [self._terms(r, low[r["pairs"]]) for r in records]
+        terms = {name: torch.stack([t[name] for t in per_record]).mean() for name in self.weights}
         terms["loss"] = sum(self.weights[name] * terms[name] for name in self.weights)
         return terms
 
-    def _round_terms(self, out: dict[str, torch.Tensor], target: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = out["mask_logits"].float()  # M x K x h x w
-        expanded = target[:, None].expand_as(logits)
+    def _terms(self, out: dict[str, torch.Tensor], target: torch.Tensor) -> dict[str, torch.Tensor]:
+        present = target.flatten(1).any(dim=1)
+        scores = out["object_score_logits"].float()[:, 0]
+        terms = {"click_object": F.binary_cross_entropy_with_logits(scores, present.float())}
+        logits = out["mask_logits"].float()[present]  # absent slices: masks are "no object" by construction
+        if not len(logits):
+            zero = out["mask_logits"].float().sum() * 0.0
+            return {**terms, "click_mask": zero, "click_iou": zero}
+        expanded = target[present][:, None].expand_as(logits)
         per_mask = self.dice_focal(logits, expanded).mean(dim=(2, 3))  # M x K (Dice is constant over pixels)
         with torch.no_grad():
             predicted = logits > 0
             inter = (predicted & expanded.bool()).flatten(2).sum(-1)
             union = (predicted | expanded.bool()).flatten(2).sum(-1)
             actual_iou = inter / union.clamp_min(1)
-        return {
-            "click_mask": per_mask.min(dim=1).values.mean(),
-            "click_iou": F.mse_loss(out["iou_predictions"].float(), actual_iou),
-        }
+        terms["click_mask"] = per_mask.min(dim=1).values.mean()
+        terms["click_iou"] = F.mse_loss(out["iou_predictions"].float()[present], actual_iou)
+        return terms

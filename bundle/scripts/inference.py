@@ -16,17 +16,19 @@ import torch
 
 from .encoding_cache import EncodingCache, image_key
 from .image_io import ImageVolume
-from .intensity import apply_preset, guess_modality
+from .intensity import guess_modality
+from .label_numbering import value_names, vocabulary_values
 from .orientation import SliceView
 from .predictor import Medsam3Predictor, PromptResult, VolumeEncoding
 from .prompts import PromptSet
+from .slices import prepare_slices, preset_for
 from .vocabulary import ResolvedPrompt, Vocabulary
 
 __all__ = ["SegmentationResult", "VolumeSegmenter"]
 
 logger = logging.getLogger(__name__)
 
-DISPLAY_PRESET = {"type": "display"}  # 8-bit and RGB pictures are already display-ready: scale 0..255 to 0..1
+UNNAMED_OBJECT = ResolvedPrompt(name="object", index=None, prompts=(), known=False)  # clicks without a text prompt
 
 
 @dataclass
@@ -39,7 +41,13 @@ class SegmentationResult:
     timings: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
-        return {"labels": self.labels, "unknown_prompts": self.unknown_prompts, "timings": self.timings}
+        """What the result's JSON states: label rows, the value -> name mapping of the label map, timings."""
+        return {
+            "labels": self.labels,
+            "label_values": value_names(self.labels),
+            "unknown_prompts": self.unknown_prompts,
+            "timings": self.timings,
+        }
 
 
 class VolumeSegmenter:
@@ -61,11 +69,6 @@ class VolumeSegmenter:
         self.modality = modality
         self.cache = cache  # reuse encodings across calls (the MONAI Label server); None: per call only
 
-    @property
-    def free_index(self) -> int:
-        """The first label value after the vocabulary: free-text prompts and unnamed objects are numbered from it."""
-        return max(self.vocabulary.by_index, default=0) + 1
-
     def resolve(self, prompts: PromptSet) -> list[ResolvedPrompt]:
         return [self.vocabulary.resolve(text) for text in prompts.texts]
 
@@ -80,7 +83,7 @@ class VolumeSegmenter:
         memo: dict[tuple, VolumeEncoding] = {}
 
         def encoding_for(entry: ResolvedPrompt | None) -> VolumeEncoding:
-            return self._encoding(image, view, self._preset(image, entry, modality), memo)
+            return self._encoding(image, view, preset_for(image, self.vocabulary, entry, modality), memo)
 
         results: list[PromptResult] = []
         rows: list[dict[str, Any]] = []
@@ -90,26 +93,20 @@ class VolumeSegmenter:
             encoding = encoding_for(entry)
             initial = self.predictor.segment_text(encoding, entry.prompts[:1])[0] if entry else None
             result = self._geometric(encoding, view, prompts, initial, image.is_2d)
+            (value,) = vocabulary_values([entry or UNNAMED_OBJECT], self.vocabulary)
             results.append(result)
-            rows.append(
-                self._row(
-                    entry,
-                    result,
-                    "clicks" if len(prompts.points) else "boxes",
-                    value=self._value(entry, self.free_index),
-                )
-            )
+            rows.append(self._row(entry, result, "clicks" if len(prompts.points) else "boxes", value=value))
         else:
-            next_free = self.free_index
-            for entry in resolved:
+            for entry, value in zip(resolved, vocabulary_values(resolved, self.vocabulary), strict=True):
                 encoding = encoding_for(entry)
                 # The first synonym is the canonical prompt; the rest serve fine-tuning and disagreement scoring.
                 result = self.predictor.segment_text(encoding, entry.prompts[:1])[0]
-                value = entry.index if entry.known else next_free
-                next_free += 0 if entry.known else 1
                 results.append(result)
                 rows.append(self._row(entry, result, "text", value=value))
         label_view = self.predictor.label_map(encoding, results, [row["index"] for row in rows])
+        if len(prompts.points):  # a click states what its voxel is: foreground clicks in, background clicks out
+            clicked = view.points_to_view(_as_3d(prompts.points, image.is_2d))
+            label_view[tuple(clicked.T)] = np.where(prompts.point_labels == 1, rows[0]["index"], 0)
         label = view.from_view(label_view)
         if image.is_2d:
             label = label.reshape(image.array.shape[:2])
@@ -123,7 +120,7 @@ class VolumeSegmenter:
     def encode(self, image: ImageVolume, text: str | None = None) -> VolumeEncoding:
         """The encoding a prompt ``text`` would use on ``image`` (its intensity preset), cached when possible."""
         entry = self.vocabulary.resolve(text) if text else None
-        preset = self._preset(image, entry, self._modality(image))
+        preset = preset_for(image, self.vocabulary, entry, self._modality(image))
         return self._encoding(image, SliceView.for_volume(image, self.plane), preset, {})
 
     # ------------------------------------------------------------------------------------------------ helpers
@@ -167,27 +164,13 @@ class VolumeSegmenter:
             return self.modality
         return guess_modality(image.array)
 
-    def _preset(self, image: ImageVolume, entry: ResolvedPrompt | None, modality: str) -> dict:
-        if image.is_rgb or image.array.dtype == np.uint8:
-            return DISPLAY_PRESET
-        if entry is not None and entry.known:
-            return self.vocabulary.preset_for(entry.name, modality)
-        return self.vocabulary.default_preset(modality)
-
-    def _slices(self, image: ImageVolume, view: SliceView, preset: dict) -> torch.Tensor:
+    @staticmethod
+    def _slices(image: ImageVolume, view: SliceView, preset: dict) -> torch.Tensor:
         """D x 3 x H x W float32 in [0, 1], in the model's view of the image."""
-        array = view.to_view(image.array)
-        if preset is DISPLAY_PRESET:
-            scaled = array.astype(np.float32) / 255.0
-        else:
-            scaled = apply_preset(array, preset)
-        tensor = torch.from_numpy(np.ascontiguousarray(scaled, dtype=np.float32))
+        tensor = torch.from_numpy(prepare_slices(image, view, preset))
         if image.is_rgb:
             return tensor.permute(0, 3, 1, 2)  # D x H x W x 3 -> D x 3 x H x W
         return tensor[:, None].expand(-1, 3, -1, -1)
-
-    def _value(self, entry: ResolvedPrompt | None, default: int) -> int:
-        return entry.index if entry is not None and entry.known else default
 
     @staticmethod
     def _row(entry: ResolvedPrompt | None, result: PromptResult, source: str, value: int) -> dict[str, Any]:

@@ -1,21 +1,20 @@
-"""Build Medical SAM3 from the official ``sam3`` package's module classes, at named sizes.
+"""Build Medical SAM3 from the official ``sam3`` package's module classes, one builder per model size.
 
-``base`` has the exact SAM3 detector + tracker dimensions, so the released SAM3 (``sam3.pt``) and Medical SAM3
-checkpoints load into it by their own key names. ``tiny`` uses the same classes with small dimensions: it runs
-on two CPU cores in about a second and is what the tests and CPU benchmarks use.
+Every sub-builder takes a :class:`~scripts.model_sizes.ModelSize`, so ``base`` (the released checkpoints' exact
+dimensions) and ``tiny`` (tests, CPU demos) are the same classes with other numbers. As in segment-anything's
+``build_sam.py``: :func:`build_medsam3_base` and :func:`build_medsam3_tiny` over one private builder, and the
+registry :data:`BUILDERS`; :func:`build_medsam3` picks from it by name, as the bundle configs do.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
-from dataclasses import dataclass
-from importlib import resources
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
-from sam3.model.data_misc import FindStage
 from sam3.model.decoder import (
     TransformerDecoder,
     TransformerDecoderLayer,
@@ -23,14 +22,13 @@ from sam3.model.decoder import (
     TransformerEncoderCrossAttention,
 )
 from sam3.model.encoder import TransformerEncoderFusion, TransformerEncoderLayer
-from sam3.model.geometry_encoders import Prompt, SequenceGeometryEncoder
+from sam3.model.geometry_encoders import SequenceGeometryEncoder
 from sam3.model.maskformer_segmentation import PixelDecoder, UniversalSegmentationHead
 from sam3.model.memory import CXBlock, SimpleFuser, SimpleMaskDownSampler, SimpleMaskEncoder
 from sam3.model.model_misc import MLP, DotProductScoring, TransformerWrapper
 from sam3.model.model_misc import MultiheadAttentionWrapper as MultiheadAttention
 from sam3.model.necks import Sam3DualViTDetNeck
 from sam3.model.position_encoding import PositionEmbeddingSine
-from sam3.model.sam3_image import Sam3Image
 from sam3.model.sam3_tracker_base import Sam3TrackerBase
 from sam3.model.text_encoder_ve import VETextEncoder
 from sam3.model.tokenizer_ve import SimpleTokenizer
@@ -39,196 +37,13 @@ from sam3.model.vl_combiner import SAM3VLBackbone
 from sam3.sam.transformer import RoPEAttention
 from torch import nn
 
-from .cpu_compat import initialise_unset_parameters, move_tensor_caches
+from .cpu_compat import initialise_unset_parameters
+from .model_sizes import MODEL_SIZES, TEXT_CONTEXT_LENGTH, ModelSize, bpe_vocabulary_path
+from .network import MedSam3, MedSam3Detector, count_parameters, default_device
 
-if TYPE_CHECKING:  # click_training -> click_simulation -> predictor imports this module
-    from .click_training import ClickSimulation
-
-__all__ = ["MODEL_SIZES", "MedSam3", "ModelSize", "bpe_vocabulary_path", "build_medsam3"]
+__all__ = ["BUILDERS", "build_medsam3", "build_medsam3_base", "build_medsam3_tiny"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelSize:
-    """Dimensions of one model size; every module of the detector and tracker is built from these."""
-
-    name: str
-    image_size: int  # square model input, pixels
-    patch_size: int
-    pretrain_image_size: int  # size of the tiled absolute position embedding
-    vit_dim: int
-    vit_depth: int
-    vit_heads: int
-    vit_mlp_ratio: float
-    window_size: int
-    global_attention_blocks: tuple[int, ...]
-    text_width: int
-    text_layers: int
-    text_heads: int
-    d_model: int  # width of the DETR encoder/decoder, heads and tracker
-    heads: int
-    ffn_dim: int
-    encoder_layers: int
-    decoder_layers: int
-    geometry_layers: int
-    num_queries: int
-    tracker_layers: int
-    memory_dim: int
-    num_maskmem: int
-
-    @property
-    def feature_size(self) -> int:
-        """Side of the lowest-resolution feature map (72 for base)."""
-        return self.image_size // self.patch_size
-
-
-MODEL_SIZES: dict[str, ModelSize] = {
-    "base": ModelSize(
-        name="base",
-        image_size=1008,
-        patch_size=14,
-        pretrain_image_size=336,
-        vit_dim=1024,
-        vit_depth=32,
-        vit_heads=16,
-        vit_mlp_ratio=4.625,
-        window_size=24,
-        global_attention_blocks=(7, 15, 23, 31),
-        text_width=1024,
-        text_layers=24,
-        text_heads=16,
-        d_model=256,
-        heads=8,
-        ffn_dim=2048,
-        encoder_layers=6,
-        decoder_layers=6,
-        geometry_layers=3,
-        num_queries=200,
-        tracker_layers=4,
-        memory_dim=64,
-        num_maskmem=7,
-    ),
-    "tiny": ModelSize(
-        name="tiny",
-        image_size=224,
-        patch_size=14,
-        pretrain_image_size=112,
-        vit_dim=48,
-        vit_depth=2,
-        vit_heads=2,
-        vit_mlp_ratio=2.0,
-        window_size=8,
-        global_attention_blocks=(1,),
-        text_width=32,
-        text_layers=1,
-        text_heads=2,
-        d_model=32,
-        heads=4,
-        ffn_dim=64,
-        encoder_layers=1,
-        decoder_layers=1,
-        geometry_layers=1,
-        num_queries=10,
-        tracker_layers=1,
-        memory_dim=16,
-        num_maskmem=7,
-    ),
-}
-
-TEXT_CONTEXT_LENGTH = 32
-
-
-def bpe_vocabulary_path() -> Path:
-    """The CLIP BPE vocabulary shipped in ``open_clip_torch`` (the ``sam3`` wheel lacks its own copy)."""
-    path = Path(str(resources.files("open_clip") / "bpe_simple_vocab_16e6.txt.gz"))
-    if not path.is_file():
-        raise FileNotFoundError(f"BPE vocabulary not found at {path}: is open_clip_torch installed?")
-    return path
-
-
-class MedSam3Detector(Sam3Image):
-    """SAM3's detector; training matches predictions to targets in :mod:`scripts.losses`, not in the module.
-
-    Upstream's training forward calls its own matcher on its own target format; ours leaves that out, so the
-    same forward serves inference and fine-tuning. Parameters (and checkpoint keys) are those of ``Sam3Image``.
-    """
-
-    def back_convert(self, targets: object) -> None:
-        return None
-
-    def _compute_matching(self, out: dict, targets: object) -> None:
-        return None
-
-
-class MedSam3(nn.Module):
-    """The detector (text/box prompts) and the tracker (clicks, propagation across slices) of one model.
-
-    The submodule names ``detector`` and ``tracker`` are those of the released SAM3 checkpoint, so its keys load
-    unchanged. The module keeps no per-image state: :class:`scripts.predictor.Medsam3Predictor` does.
-    """
-
-    def __init__(self, detector: MedSam3Detector, tracker: Sam3TrackerBase, size: ModelSize) -> None:
-        super().__init__()
-        self.detector = detector
-        self.tracker = tracker
-        self.size = size
-        self.interactive = True  # False when loaded without tracker weights: text prompts only (checkpoint.py)
-
-    @property
-    def image_size(self) -> int:
-        return self.size.image_size
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
-        """Also move the tensor caches sam3 keeps outside parameters and buffers (see ``cpu_compat``)."""
-        result = super()._apply(fn, recurse)
-        move_tensor_caches(self)
-        return result
-
-    def forward(
-        self,
-        images: torch.Tensor,
-        prompts: list[str],
-        click_targets: torch.Tensor | None = None,
-        click_simulation: ClickSimulation | None = None,
-        click_generator: np.random.Generator | None = None,
-    ) -> dict:
-        """Detector outputs for every (prompt, image) pair, the training forward; optionally also click rounds.
-
-        ``images`` is B x 3 x S x S normalised to [-1, 1]; query n = p * B + i is prompt p on image i. With
-        ``click_targets`` (N x S x S binary masks, pair n as the queries), the tracker's SAM heads also run the
-        simulated interactive rounds of :func:`scripts.click_training.simulate_click_rounds` (``click_simulation``,
-        default :class:`ClickSimulation`; ``click_generator`` draws its randomness) on the same image features,
-        returned under ``"click_rounds"``. Going through ``forward`` lets DistributedDataParallel synchronise
-        gradients.
-        """
-        num = images.shape[0]
-        backbone_out = self.detector.backbone.forward_image(images)  # also computes the tracker's (SAM 2) neck
-        backbone_out.update(self.detector.backbone.forward_text(prompts, device=images.device))
-        img_ids = torch.arange(num, device=images.device).repeat(len(prompts))
-        text_ids = torch.arange(len(prompts), device=images.device).repeat_interleave(num)
-        out = self.detector.forward_grounding(
-            backbone_out=backbone_out,
-            find_input=find_stage(img_ids, text_ids),
-            find_target=None,
-            geometric_prompt=empty_geometry(len(img_ids), images.device),
-        )
-        if click_targets is not None:
-            from .click_training import ClickSimulation, simulate_click_rounds
-
-            out["click_rounds"] = simulate_click_rounds(
-                self.tracker,
-                backbone_out["sam2_backbone_out"],
-                click_targets,
-                img_ids,
-                click_simulation or ClickSimulation(),
-                click_generator,
-            )
-        return out
 
 
 def _attention(size: ModelSize, dropout: float, batch_first: bool = False) -> MultiheadAttention:
@@ -466,55 +281,69 @@ def _tracker(size: ModelSize) -> Sam3TrackerBase:
     # Read by the SAM heads in training mode but never set upstream: the target, not the predicted object score,
     # decides whether a mask is kept, so a present structure's mask gets gradients from the first step (SAM 2).
     tracker.teacher_force_obj_scores_for_mem = True
+    tracker.prob_to_dropout_spatial_mem = 0.0  # read in training mode, set only by upstream's trainer: no dropout
     return tracker
 
 
-def build_medsam3(model_size: str = "base", device: str | torch.device | None = None, seed: int | None = 0) -> MedSam3:
+def _build(size: ModelSize, device: str | torch.device | None, seed: int | None) -> MedSam3:
     """Build the model with initialised (random) weights; load real weights with :mod:`scripts.checkpoint`.
 
-    Args:
-        model_size: a key of :data:`MODEL_SIZES` (``base`` for real checkpoints, ``tiny`` for tests).
-        device: where to put the model; ``None`` picks CUDA when available, else CPU.
-        seed: seeds the random initialisation so that two builds are identical; ``None`` leaves the RNG alone.
+    ``seed`` makes two builds identical without touching the caller's RNG (training seeds it with
+    ``set_determinism``); ``None`` draws from the global RNG.
     """
-    if model_size not in MODEL_SIZES:
-        raise ValueError(f"Unknown model_size {model_size!r}; choose one of {sorted(MODEL_SIZES)}")
-    size = MODEL_SIZES[model_size]
-    if seed is not None:
-        torch.manual_seed(seed)
-    model = MedSam3(_detector(size, bpe_vocabulary_path()), _tracker(size), size)
-    initialise_unset_parameters(model)
+    with torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = MedSam3(_detector(size, bpe_vocabulary_path()), _tracker(size), size)
+        initialise_unset_parameters(model)
     model.eval()
     resolved = default_device(device)
-    logger.info("Built Medical SAM3 %s (%.1fM parameters) on %s", model_size, _count(model) / 1e6, resolved)
+    logger.info("Built Medical SAM3 %s (%.1fM parameters) on %s", size.name, count_parameters(model) / 1e6, resolved)
     return model.to(resolved)
 
 
-def default_device(device: str | torch.device | None = None) -> torch.device:
-    """``None``/``"auto"`` picks CUDA when available; anything else is passed to ``torch.device``."""
-    if device is None or device in ("", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+def build_medsam3_base(
+    device: str | torch.device | None = None, seed: int | None = 0, image_size: int | None = None
+) -> MedSam3:
+    """SAM3's dimensions: the released SAM3 and Medical SAM3 checkpoints load into it (GPU model).
+
+    ``image_size`` 1008 (SAM3's, the default) or 504 (Medical SAM3's 3D checkpoint; about 4 times cheaper per slice).
+    """
+    return _build(_sized(MODEL_SIZES["base"], image_size), device, seed)
 
 
-def _count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def build_medsam3_tiny(
+    device: str | torch.device | None = None, seed: int | None = 0, image_size: int | None = None
+) -> MedSam3:
+    """The same classes, small: tests, CPU benchmarks and the demo model."""
+    return _build(_sized(MODEL_SIZES["tiny"], image_size), device, seed)
 
 
-def find_stage(img_ids: torch.Tensor, text_ids: torch.Tensor) -> FindStage:
-    return FindStage(
-        img_ids=img_ids,
-        text_ids=text_ids,
-        input_boxes=None,
-        input_boxes_mask=None,
-        input_boxes_label=None,
-        input_points=None,
-        input_points_mask=None,
-    )
+BUILDERS: dict[str, Callable[..., MedSam3]] = {"base": build_medsam3_base, "tiny": build_medsam3_tiny}
 
 
-def empty_geometry(batch: int, device: torch.device) -> Prompt:
-    return Prompt(
-        box_embeddings=torch.zeros(0, batch, 4, device=device),
-        box_mask=torch.zeros(batch, 0, dtype=torch.bool, device=device),
-    )
+def build_medsam3(
+    model_size: str = "base",
+    device: str | torch.device | None = None,
+    seed: int | None = 0,
+    image_size: int | None = None,
+) -> MedSam3:
+    """The builder of ``model_size`` (a key of :data:`BUILDERS`), as the bundle configs call it.
+
+    ``image_size`` (pixels of the square model input) defaults to the size's own; the configs read it from the
+    checkpoint (:func:`scripts.checkpoint.checkpoint_image_size`), so a file runs at the resolution it was trained at.
+    """
+    if model_size not in BUILDERS:
+        raise ValueError(f"Unknown model_size {model_size!r}; choose one of {sorted(BUILDERS)}")
+    return BUILDERS[model_size](device=device, seed=seed, image_size=image_size)
+
+
+def _sized(size: ModelSize, image_size: int | None) -> ModelSize:
+    """``size`` at another input resolution; the position tables follow, the weights' shapes do not change."""
+    if image_size is None or image_size == size.image_size:
+        return size
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size % size.patch_size:
+        raise ValueError(f"image_size must be a multiple of the patch size {size.patch_size}, got {image_size!r}")
+    if image_size < size.pretrain_image_size:
+        raise ValueError(f"image_size must be at least {size.pretrain_image_size} for {size.name}, got {image_size}")
+    return dataclasses.replace(size, image_size=image_size)

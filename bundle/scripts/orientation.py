@@ -93,12 +93,6 @@ class SliceView:
         self._check_inside(points, self._grid_shape(), "the image", self.source_shape)
         return _reorient(points, self.ornt_to_view, self._grid_shape())
 
-    def points_from_view(self, points: np.ndarray) -> np.ndarray:
-        """N x 3 integer view indices (d, h, w) -> N x 3 source voxel indices (i, j, k)."""
-        points = _as_points(points, "points")
-        self._check_inside(points, self.view_shape, "the view", self.view_shape)
-        return _reorient(points, self.ornt_from_view, self.view_shape)
-
     def boxes_to_view(self, boxes: np.ndarray) -> np.ndarray:
         """M x 6 inclusive source boxes [i0, j0, k0, i1, j1, k1] -> view boxes [d0, h0, w0, d1, h1, w1], low first."""
         boxes = np.asarray(boxes)

@@ -44,6 +44,8 @@ class _Ellipsoid:
     centre: tuple[float, float, float]
     radii: tuple[float, float, float]
     angle: float = 0.0  # rotation about the superior axis, radians
+    lobulation: float = 0.0  # relative amplitude of the surface's bumps
+    phase: float = 0.0  # where the bumps lie around the superior axis
 
 
 _ORGANS = (  # drawn in this order: later organs cover earlier ones
@@ -93,14 +95,18 @@ def _coordinates(shape: tuple[int, ...], spacing: tuple[float, ...]) -> tuple[np
 def _ellipsoid(x: np.ndarray, y: np.ndarray, z: np.ndarray, organ: _Ellipsoid) -> np.ndarray:
     dx, dy, dz = x - organ.centre[0], y - organ.centre[1], z - organ.centre[2]
     cos, sin = np.cos(organ.angle), np.sin(organ.angle)
-    u, v = cos * dx + sin * dy, cos * dy - sin * dx
-    return (u / organ.radii[0]) ** 2 + (v / organ.radii[1]) ** 2 + (dz / organ.radii[2]) ** 2 <= 1.0
+    u, v, w = (cos * dx + sin * dy) / organ.radii[0], (cos * dy - sin * dx) / organ.radii[1], dz / organ.radii[2]
+    # Lobulation: the surface's radius varies smoothly with direction, so organs are not plain ellipsoids.
+    lobes = organ.lobulation * np.sin(2.0 * np.arctan2(v, u) + organ.phase) * np.cos(np.pi * np.clip(w, -1, 1))
+    return u**2 + v**2 + w**2 <= (1.0 + lobes) ** 2
 
 
 def _jitter(organ: _Ellipsoid, rng: np.random.Generator) -> _Ellipsoid:
-    centre = tuple(np.asarray(organ.centre) + rng.normal(0.0, 0.02, 3))
-    radii = tuple(np.asarray(organ.radii) * rng.uniform(0.9, 1.1, 3))
-    return _Ellipsoid(organ.label, centre, radii, organ.angle + rng.normal(0.0, 0.08))
+    """The organ of one seed: moved, resized, turned and lobulated at random (anatomy stays plausible)."""
+    centre = tuple(np.asarray(organ.centre) + rng.normal(0.0, 0.03, 3))
+    radii = tuple(np.asarray(organ.radii) * rng.uniform(0.85, 1.15, 3))
+    angle = organ.angle + rng.normal(0.0, 0.1)
+    return _Ellipsoid(organ.label, centre, radii, angle, rng.uniform(0.0, 0.1), rng.uniform(0.0, 2 * np.pi))
 
 
 def _anatomy(x: np.ndarray, y: np.ndarray, z: np.ndarray, rng: np.random.Generator) -> _Anatomy:
@@ -130,11 +136,11 @@ def _anatomy(x: np.ndarray, y: np.ndarray, z: np.ndarray, rng: np.random.Generat
 
 
 def _intensities(anatomy: _Anatomy, contrast: _Contrast, rng: np.random.Generator) -> np.ndarray:
-    """Piecewise-constant image; each organ's value varies by about 3 % with the seed."""
+    """Piecewise-constant image; each organ's value varies by about 5 % with the seed."""
     image = np.where(anatomy.body, contrast.tissue, contrast.air).astype(np.float32)
     image[anatomy.fat] = contrast.fat
     for value, intensity in contrast.organs.items():
-        image[anatomy.label == value] = intensity * (1.0 + rng.normal(0.0, 0.03))
+        image[anatomy.label == value] = intensity * (1.0 + rng.normal(0.0, 0.05))
     image[anatomy.sinus] = contrast.sinus
     image[anatomy.discs] = contrast.disc
     return image
@@ -162,12 +168,12 @@ def make_ct_phantom(
     shape: tuple[int, int, int] = (96, 96, 64),
     spacing: tuple[float, float, float] = (1.5, 1.5, 2.5),
     seed: int = 0,
-    noise_hu: float = 20.0,
+    noise: float = 20.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """CT-like float32 HU volume and its uint8 label map (:data:`PHANTOM_LABELS`), both in RAS index order."""
+    """CT-like float32 HU volume (``noise`` in HU) and its uint8 label map (:data:`PHANTOM_LABELS`), RAS order."""
     rng = np.random.default_rng(seed)
     anatomy = _anatomy(*_coordinates(shape, spacing), rng)
-    return _ct_image(anatomy, rng, noise_hu), anatomy.label
+    return _ct_image(anatomy, rng, noise), anatomy.label
 
 
 def make_mr_phantom(
@@ -234,6 +240,7 @@ def write_phantom(
     seed: int = 0,
     ndim: int | None = None,
     tilt_deg: float = 0.0,
+    noise: float | None = None,
 ) -> tuple[Path, Path]:
     """Write a phantom image and its label map as real files; returns ``(image_path, label_path)``.
 
@@ -242,7 +249,8 @@ def write_phantom(
     every code holds the same physical image. ``fmt``: ``nifti`` (.nii.gz), ``nrrd``, ``dicom`` (a folder with
     one file per slice; labels go to NIfTI). CT is stored as whole HU (int16), MR as whole numbers (uint16).
     2D (``ndim`` 2, always for ``png``): one axial slice in display orientation as ``png`` (8-bit windowed),
-    ``dicom`` (one frame) or ``nifti``; labels go to PNG (NIfTI for ``nifti``).
+    ``dicom`` (one frame) or ``nifti``; labels go to PNG (NIfTI for ``nifti``). ``noise``: the 3D phantom's noise
+    (HU for CT, signal units for MR), default that of :func:`make_ct_phantom` / :func:`make_mr_phantom`.
     """
     _check_kind(kind)
     if fmt not in FORMATS:
@@ -259,7 +267,7 @@ def write_phantom(
         return _write_2d(out, name, kind, fmt, shape2d, _sizes(spacing, (1.0, 1.0), "spacing", float), seed)
     shape, spacing = _sizes(shape, (96, 96, 64), "shape", int), _sizes(spacing, (1.5, 1.5, 2.5), "spacing", float)
     make = make_ct_phantom if kind == "ct" else make_mr_phantom
-    image, label = make(shape, spacing, seed=seed)
+    image, label = make(shape, spacing, seed=seed, **({} if noise is None else {"noise": noise}))
     image = np.round(image).astype(np.int16 if kind == "ct" else np.uint16)
     volume, label = _reorient(
         image, label, phantom_affine(shape, spacing, tilt_deg), orientation or _DEFAULT_ORIENTATION[fmt]

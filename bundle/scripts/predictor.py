@@ -23,14 +23,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .cpu_compat import device_fallbacks
-from .model_builder import MedSam3, empty_geometry, find_stage
+from .network import EMPTY_LOGIT, MedSam3, empty_geometry, find_stage, text_result_logits
 from .timing import StageTimer
 
-__all__ = ["Medsam3Predictor", "PromptResult", "VolumeEncoding"]
+__all__ = ["EMPTY_LOGIT", "Medsam3Predictor", "PromptResult", "VolumeEncoding"]
 
 logger = logging.getLogger(__name__)
-
-EMPTY_LOGIT = -1e4  # "no object here" in low-res logit maps (finite, so interpolation stays NaN-free)
 
 
 @dataclass
@@ -75,6 +73,7 @@ class Medsam3Predictor:
         batch_size: int = 8,
         score_threshold: float = 0.5,
         max_empty_slices: int | None = 5,
+        propagation_confidence: float = 0.8,
         amp: bool = True,
         progress: bool = False,
     ) -> None:
@@ -86,6 +85,9 @@ class Medsam3Predictor:
         self.batch_size = batch_size
         self.score_threshold = score_threshold
         self.max_empty_slices = max_empty_slices
+        if not 0.5 <= propagation_confidence <= 1.0:
+            raise ValueError(f"propagation_confidence must be in [0.5, 1], got {propagation_confidence}")
+        self.propagation_confidence = propagation_confidence
         self.progress = progress
         self.device = model.device
         self.amp = amp and self.device.type == "cuda"  # see precision()
@@ -188,10 +190,8 @@ class Medsam3Predictor:
                     )
                     # supervise_joint_box_scores: pred_logits already include the presence score
                     inst_scores = out["pred_logits"].float().sigmoid().squeeze(-1).view(len(prompts), b, -1)
-                    masks = out["pred_masks"].float().view(len(prompts), b, -1, low, low)
-                    keep = inst_scores > self.score_threshold
-                    kept = torch.where(keep[..., None, None], masks, torch.full_like(masks, EMPTY_LOGIT))
-                    logits[:, batch] = kept.amax(dim=2).clamp_min(EMPTY_LOGIT).half()
+                    union = text_result_logits(out, self.score_threshold).view(len(prompts), b, low, low)
+                    logits[:, batch] = union.clamp_min(EMPTY_LOGIT).half()
                     scores[:, batch] = inst_scores.amax(dim=2)
         return [PromptResult(logits=logits[i], scores=scores[i]) for i in range(len(prompts))]
 
@@ -281,8 +281,10 @@ class Medsam3Predictor:
 
         Clicked slices are segmented from their clicks (and, when given, the ``initial`` result's mask on that
         slice, so clicks refine a text result); the mask is then propagated through the stack in both directions
-        with the tracker's memory, stopping after ``max_empty_slices`` slices without the object. Slices the
-        propagation does not reach keep the ``initial`` result.
+        with the tracker's memory, stopping after ``max_empty_slices`` slices without the object. On a slice the
+        clicks did not touch, an ``initial`` result gives way to the propagated one only where the tracker is
+        confident: its object-score probability is at least ``propagation_confidence`` (the structure is there) or
+        at most ``1 - propagation_confidence`` (it is not). Slices the propagation does not reach keep ``initial``.
         """
         self._require_tracker()
         points, labels = np.asarray(points), np.asarray(labels)
@@ -312,10 +314,12 @@ class Medsam3Predictor:
                     (False, range(clicked[0] + 1, encoding.num_slices)),
                     (True, range(clicked[-1] - 1, -1, -1)),
                 ):
-                    self._propagate(encoding, memory, order, reverse, logits, scores)
+                    self._propagate(
+                        encoding, memory, order, reverse, logits, scores, keep_uncertain=initial is not None
+                    )
         return PromptResult(logits=logits, scores=scores)
 
-    def _propagate(self, encoding, memory, order, reverse, logits, scores) -> None:  # noqa: ANN001 - internal
+    def _propagate(self, encoding, memory, order, reverse, logits, scores, keep_uncertain) -> None:  # noqa: ANN001
         empty_run = 0
         for index in order:
             if index in memory["cond_frame_outputs"]:
@@ -323,7 +327,12 @@ class Medsam3Predictor:
                 continue
             out = self._track_step(encoding, index, memory, conditioning=False, reverse=reverse)
             memory["non_cond_frame_outputs"][index] = out
-            logits[index], scores[index] = out["pred_masks"][0, 0].half(), _object_score(out)
+            score = _object_score(out)
+            confident = not keep_uncertain or not (
+                1.0 - self.propagation_confidence < float(score) < self.propagation_confidence
+            )
+            if confident:
+                logits[index], scores[index] = out["pred_masks"][0, 0].half(), score
             present = bool((out["object_score_logits"] > 0).any()) and bool((out["pred_masks"] > 0).any())
             empty_run = 0 if present else empty_run + 1
             if self.max_empty_slices is not None and empty_run >= self.max_empty_slices:

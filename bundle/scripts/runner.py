@@ -1,4 +1,4 @@
-"""What ``python -m monai.bundle run`` calls: load the network, segment one image or a whole dataset, evaluate.
+"""What ``inference.json`` runs: segment one image, a folder or a whole datalist and write label maps with JSON.
 
 The config files name these functions; the functions take plain values (as overrides arrive on the command
 line), validate them once and report problems as ``ValueError`` messages that say what to change.
@@ -12,16 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm.auto import tqdm
 
-from .click_simulation import run_interactive_evaluation
 from .image_io import ImageVolume, output_path_for, read_image, write_label
 from .inference import SegmentationResult, VolumeSegmenter
-from .metrics import evaluate_label_maps, summarise, write_metrics_csv
+from .label_numbering import read_datalist
 from .prompts import PromptSet, parse_list_argument
 
-__all__ = ["collect_images", "datalist_items", "label_names_from", "run_evaluation", "run_inference"]
+__all__ = ["collect_images", "datalist_items", "run_inference"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,16 +48,9 @@ def _is_dicom_folder(path: Path) -> bool:
     return path.is_dir() and any(p.suffix.lower() == ".dcm" for p in path.iterdir())
 
 
-def _read_datalist(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"Cannot read datalist {path}: {error}") from error
-
-
 def datalist_items(path: Path, key: str, required: bool = True) -> list[dict[str, Any]]:
     """The ``key`` list of a MONAI datalist with paths made absolute; ``required=False`` allows none."""
-    data = _read_datalist(path)
+    data = read_datalist(path)
     items = data.get(key) if isinstance(data, dict) else data
     if not required and not items:
         return []
@@ -120,83 +111,3 @@ def _write_result(volume: ImageVolume, result: SegmentationResult, out_dir: Path
     json_path.write_text(json.dumps(summary, indent=2))
     logger.info("Wrote %s (%s)", target, ", ".join(f"{r['name']}: {r['score']:.2f}" for r in result.labels))
     return summary
-
-
-def run_evaluation(
-    segmenter: VolumeSegmenter,
-    datalist: str,
-    output_dir: str,
-    labels: dict | str | None = None,
-    key: str = "testing",
-    tolerance_mm: float = 2.0,
-    interactive_clicks: Sequence[int] | None = (1, 3, 5),
-) -> dict[str, Any]:
-    """Text-prompt each reference label of every datalist item and score Dice and NSD per label.
-
-    ``labels`` maps label values in the reference masks to names (``{"1": "liver"}``); default: the datalist's
-    own ``labels`` entry. Writes ``metrics.csv`` (one row per case and label) and ``summary.json``; with
-    ``interactive_clicks`` (and tracker weights) also the click protocol's ``interactive.csv`` and its plot.
-    """
-    items = datalist_items(Path(datalist), key)
-    label_map = label_names_from(labels, Path(datalist))
-    rows: list[dict[str, Any]] = []
-    prompt_set = PromptSet.create(texts=list(label_map.values()))
-    for item in tqdm(items, desc="Evaluating", unit="image"):
-        if "label" not in item:
-            raise ValueError(f"Datalist item {item['image']} has no 'label' to evaluate against")
-        volume, reference = read_image(item["image"]), read_image(item["label"])
-        if reference.array.shape != volume.array.shape:
-            raise ValueError(f"Label {item['label']} has shape {reference.array.shape}, image {volume.array.shape}")
-        result = segmenter.segment(volume, prompt_set)
-        predicted = _to_reference_values(result, label_map)
-        for row in evaluate_label_maps(
-            predicted, reference.array.astype(np.int64), label_map, volume.spacing, tolerance_mm
-        ):
-            rows.append({"image": item["image"], **row})
-    out_dir = Path(output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_metrics_csv(rows, out_dir / "metrics.csv")
-    summary = summarise(rows)
-    if interactive_clicks and getattr(segmenter.predictor.model, "interactive", True):
-        interactive = run_interactive_evaluation(segmenter, items, label_map, out_dir, interactive_clicks)
-        for name, entry in summary.items():
-            for count in interactive_clicks:
-                values = [r["dice"] for r in interactive if r["name"] == name and r["clicks"] == count]
-                entry[f"dice_{count}_clicks"] = float(np.mean(values)) if values else None
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    logger.info("Evaluation summary: %s", json.dumps(summary))
-    return summary
-
-
-def label_names_from(labels: dict | str | None, datalist: Path) -> dict[int, str]:
-    """``{value: name}`` from an override (dict or its string) or the datalist's ``labels`` entry.
-
-    Without either, the names of the items' own ``labels`` maps, in order of appearance (numbered from 1).
-    """
-    if isinstance(labels, str):
-        labels = parse_list_argument(f"[{labels}]", "labels")[0] if labels.strip().startswith("{") else None
-    if labels is None:
-        data = _read_datalist(datalist)
-        labels = data.get("labels") if isinstance(data, dict) else None
-        if labels is None:
-            lists = [data.get(key) or [] for key in ("training", "validation")] if isinstance(data, dict) else [data]
-            items = [item for entries in lists for item in entries if isinstance(item, dict)]
-            unnamed = [i.get("label", i.get("image")) for i in items if not i.get("labels")]
-            if unnamed and len(unnamed) < len(items):
-                raise ValueError(f"Items {unnamed[:3]} have no 'labels' map: give one per item or one for the dataset")
-            names = dict.fromkeys(n for i in items for n in (i.get("labels") or {}).values())
-            labels = {value: name for value, name in enumerate(names, start=1)} or None
-    if not isinstance(labels, dict) or not labels:
-        raise ValueError("No label names: give --labels \"{'1': 'liver'}\" or a 'labels' map in the datalist")
-    try:
-        return {int(k): str(v) for k, v in labels.items()}
-    except ValueError as error:
-        raise ValueError(f"Label values must be integers, got {list(labels)}") from error
-
-
-def _to_reference_values(result: SegmentationResult, label_map: dict[int, str]) -> np.ndarray:
-    """Renumber the predicted map (vocabulary indices) to the reference's values, prompt by prompt."""
-    out = np.zeros(result.label.shape, dtype=np.int64)
-    for value, row in zip(label_map, result.labels, strict=True):
-        out[result.label == row["index"]] = value
-    return out

@@ -32,11 +32,14 @@ from .adapters import (
 from .checkpoint import load_network, save_checkpoint
 from .click_training import ClickPromptLoss, ClickSimulation
 from .cpu_compat import device_fallbacks
+from .image_io import read_image
+from .inference import VolumeSegmenter
+from .label_numbering import item_labels
 from .losses import TextPromptLoss
-from .model_builder import MedSam3
-from .predictor import precision
-from .prompts import parse_flag
-from .training_data import item_labels
+from .metrics import dice
+from .network import MedSam3
+from .predictor import Medsam3Predictor, precision
+from .prompts import PromptSet, parse_flag
 
 __all__ = [
     "PromptStep",
@@ -58,8 +61,9 @@ class PromptStep:
     """``iteration_update`` for :class:`monai.engines.SupervisedTrainer` on :class:`SlicePromptDataset` batches.
 
     Every label's text prompt on every slice trains the detector (:class:`TextPromptLoss`); with ``clicks``, the
-    same pairs also train the tracker's box and click heads over simulated corrective rounds
-    (:mod:`scripts.click_training`), weighted by ``click_weight``. One forward serves both, so DDP sees one graph.
+    tracker also learns, over the same clips, to answer boxes and corrective clicks and to carry the mask through
+    the clip's other slices (:mod:`scripts.click_training`), weighted by ``click_weight``. One forward serves both,
+    so DDP sees one graph.
     """
 
     def __init__(
@@ -83,20 +87,25 @@ class PromptStep:
         device = engine.state.device
         model.train()
         images = batch["image"].to(device)  # B x clip x 3 x S x S
-        targets = batch["target"].to(device)  # B x clip x P x S x S
+        # Prompts no item of the batch trains (another intensity preset, not annotated) are left out of the forward.
+        used = batch["valid"].bool().any(dim=0).nonzero().flatten().tolist()
+        prompts = [self.prompts[p] for p in used]
+        targets = batch["target"][:, :, used].to(device)  # B x clip x P x S x S
         slices = images.flatten(0, 1)
         # query n = prompt p on slice i, n = p * num + i (the order the detector indexes text and image ids)
         target = targets.flatten(0, 1).transpose(0, 1).flatten(0, 1)
-        valid = batch["valid"].to(device)[:, None].expand(-1, images.shape[1], -1)  # B x clip x P
+        valid = batch["valid"][:, used].to(device)[:, None].expand(-1, images.shape[1], -1)  # B x clip x P
         valid = valid.flatten(0, 1).transpose(0, 1).flatten(0, 1)
         # A tracker loaded without weights (detector-only checkpoint) is not trained from scratch here.
         clicks = self.clicks if unwrap(model).interactive else None
         click_targets = target * valid[:, None, None]  # pairs the sample does not annotate: empty, never clicked
         with device_fallbacks(device), precision(device, self.amp):
             if clicks is None:
-                outputs = model(slices, self.prompts)  # through forward, so DDP synchronises gradients
+                outputs = model(slices, prompts)  # through forward, so DDP synchronises gradients
             else:
-                outputs = model(slices, self.prompts, click_targets=click_targets, click_simulation=clicks)
+                outputs = model(
+                    slices, prompts, click_targets=click_targets, click_simulation=clicks, clip=images.shape[1]
+                )
             terms = self.loss(outputs, target, valid)
             if clicks is not None:
                 click_terms = self.click_loss(outputs, click_targets)
@@ -190,7 +199,7 @@ class TrainingState:
         name: str = "train_state.pt",
     ) -> None:
         self.path = Path(output_dir) / name
-        self.mode, self.every, self.validation = mode, every, validation
+        self.mode, self.every, self.validation, self.max_steps = mode, every, validation, max_steps
         self.saved: dict[str, Any] | None = _read_training_state(resume, mode) if resume else None
         self.iteration = int(self.saved["iteration"]) if self.saved else 0
         if self.iteration >= max_steps:
@@ -200,8 +209,12 @@ class TrainingState:
             )
 
     def first_sample(self, batch_size: int, world_size: int = 1) -> int:
-        """Index of the first dataset sample still to train on."""
+        """Index of the first dataset sample still to train on (all ranks together)."""
         return self.iteration * batch_size * world_size
+
+    def samples_left(self, batch_size: int, world_size: int = 1) -> int:
+        """Dataset samples the remaining iterations draw (all ranks together)."""
+        return (self.max_steps - self.iteration) * batch_size * world_size
 
     def attach(self, engine: Engine) -> None:
         if self.saved is not None:
@@ -276,6 +289,7 @@ def prepare_network(
     mode: str,
     adapter_path: str = "",
     heads: bool | str = True,
+    text_encoder_ckpt_path: str = "",
 ) -> MedSam3:
     """Load the starting weights, then add and unfreeze what ``mode`` trains (``full``, ``lora``, ``adapter3d``).
 
@@ -283,7 +297,7 @@ def prepare_network(
     ``adapter_path`` continues from earlier adapter weights (same mode and heads) instead of identity ones.
     """
     heads = parse_flag(heads, "train_heads")
-    network = load_network(network, ckpt_path, tracker_ckpt_path, adapter_path or None)
+    network = load_network(network, ckpt_path, tracker_ckpt_path, adapter_path or None, text_encoder_ckpt_path or None)
     if heads and mode != "full" and not network.interactive:
         raise ValueError(
             "train_heads trains the tracker's click heads too, but the checkpoint has no tracker weights: give SAM3's "
@@ -333,12 +347,6 @@ class TextPromptValidation:
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every), self)
 
     def __call__(self, engine: Engine) -> float:
-        from .image_io import read_image
-        from .inference import VolumeSegmenter
-        from .metrics import dice
-        from .predictor import Medsam3Predictor
-        from .prompts import PromptSet
-
         if not _is_main_process():
             return self.best
         model = unwrap(engine.network)

@@ -1,8 +1,8 @@
 """Training samples from labelled volumes: slice clips with every dataset label as a text prompt.
 
-Each sample is a clip of consecutive slices (1 for 2D training, several for 3D adapters) in the model's view,
-with one binary target per label: labels absent from the clip are negatives for the presence score. Most
-samples are centred on slices that contain a labelled structure.
+Each sample is a clip of consecutive slices in the model's view (1 for 2D training, several for 3D adapters and
+the tracker's clips), with one binary target per label: labels absent from the clip are negatives for the presence
+score. Most samples start on, or are centred on, slices that contain a labelled structure.
 
 An item may carry its own ``labels`` map (``{"1": "liver"}``), e.g. annotations that cover only some structures
 or number them differently: a label the item does not annotate is marked invalid for it (``valid`` = 0), so it is
@@ -11,6 +11,7 @@ neither a positive nor a "not here" negative.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -23,11 +24,13 @@ from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
 from .image_io import read_image
-from .intensity import apply_preset, guess_modality
+from .intensity import guess_modality
+from .label_numbering import item_labels
 from .orientation import SliceView
+from .slices import prepare_slices, preset_for
 from .vocabulary import Vocabulary
 
-__all__ = ["SlicePromptDataset", "item_labels", "label_prompts"]
+__all__ = ["SlicePromptDataset", "label_prompts"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,22 +46,16 @@ def label_prompts(labels: dict[int, str], vocabulary: Vocabulary) -> list[str]:
     return prompts
 
 
-def item_labels(item: dict[str, Any], labels: dict[int, str]) -> dict[int, str]:
-    """``{value: name}`` of one datalist item: its own ``labels`` map, else the dataset's."""
-    own = item.get("labels")
-    if own is None:
-        return labels
-    try:
-        return {int(value): str(name) for value, name in own.items()}
-    except (AttributeError, ValueError) as error:
-        raise ValueError(f"{item.get('label')}: 'labels' must map integer values to names, got {own!r}") from error
-
-
 class SlicePromptDataset(Dataset):
     """``num_samples`` random clips from ``items`` (``{"image": path, "label": path}``), for ``labels``.
 
     Returns dicts with ``image`` (clip x 3 x S x S in [-1, 1]), ``target`` (clip x P x S x S, 0/1) and ``valid``
-    (P, 0/1: whether the item annotates that label), P the number of label names, in the order of ``labels``.
+    (P, 0/1: whether the sample trains that label), P the number of label names, in the order of ``labels``.
+
+    Each sample is prepared with one intensity preset (:func:`scripts.slices.preset_for`, as inference prepares a
+    label's slices), drawn among the presets of the item's labels; labels with another preset are not valid for
+    that sample. With ``anchor_first`` the clip starts on a slice showing a structure and runs up or down the
+    volume at random (the tracker's clips, prompted on their first slice); otherwise it is centred on such a slice.
     Sample ``i`` depends only on ``seed`` and ``first_index + i``, so a resumed run (``first_index`` = samples
     already seen) continues with the samples an uninterrupted run would have drawn.
     """
@@ -71,6 +68,7 @@ class SlicePromptDataset(Dataset):
         image_size: int,
         num_samples: int,
         clip: int = 1,
+        anchor_first: bool = False,
         positive_fraction: float = 0.8,
         augment: bool = True,
         seed: int = 0,
@@ -84,6 +82,7 @@ class SlicePromptDataset(Dataset):
         self.image_size = image_size
         self.num_samples = num_samples
         self.clip = clip
+        self.anchor_first = anchor_first
         self.positive_fraction = positive_fraction
         self.seed = seed
         self.first_index = first_index
@@ -107,18 +106,32 @@ class SlicePromptDataset(Dataset):
         if unknown:
             raise ValueError(f"{item['label']} labels {unknown}, which are not among the training labels {self.names}")
         image, label = read_image(item["image"]), read_image(item["label"])
-        if image.array.shape != label.array.shape:
+        if image.array.shape[: label.array.ndim] != label.array.shape:
             raise ValueError(f"{item['label']} has shape {label.array.shape}, its image {image.array.shape}")
         view = SliceView.for_volume(image)
         modality = guess_modality(image.array)
-        scaled = apply_preset(view.to_view(image.array), vocabulary.preset_for(next(iter(labels.values())), modality))
         values = view.to_view(label.array).astype(np.int64)
         by_name: dict[str, list[int]] = {}
         for value, name in labels.items():  # two values may share a name (e.g. two Slicer segments "liver")
             by_name.setdefault(name, []).append(value)
         channels = [by_name.get(name) for name in self.names]  # None: the item does not annotate this label
-        positive = np.flatnonzero(np.isin(values, list(labels)).reshape(values.shape[0], -1).any(axis=1))
-        return _Volume(scaled, values, positive, channels)
+        presets: dict[str, int] = {}  # preset (as JSON) -> group index
+        groups, group_of = [], []
+        for name, channel in zip(self.names, channels, strict=True):
+            if channel is None:
+                group_of.append(None)
+                continue
+            preset = preset_for(image, vocabulary, vocabulary.resolve(name), modality)
+            key = json.dumps(preset, sort_keys=True)
+            if key not in presets:
+                presets[key] = len(groups)
+                groups.append(prepare_slices(image, view, preset).astype(np.float16))  # half the memory, 1e-3 steps
+            group_of.append(presets[key])
+        positive = []
+        for group in range(len(groups)):
+            group_values = [v for c, g in zip(channels, group_of, strict=True) if g == group for v in c]
+            positive.append(np.flatnonzero(np.isin(values, group_values).reshape(values.shape[0], -1).any(axis=1)))
+        return _Volume(groups, values, positive, channels, group_of)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -127,14 +140,21 @@ class SlicePromptDataset(Dataset):
         # Random per index, reproducible: ranks of a distributed run (disjoint indices) see different samples.
         rng = np.random.default_rng([self.seed, self.first_index + index])
         volume = self.volumes[rng.integers(len(self.volumes))]
-        depth = volume.scaled.shape[0]
-        if len(volume.positive) and rng.random() < self.positive_fraction:
-            centre = int(rng.choice(volume.positive))
+        group = int(rng.integers(len(volume.groups)))
+        scaled, positive = volume.groups[group], volume.positive[group]
+        depth = scaled.shape[0]
+        if len(positive) and rng.random() < self.positive_fraction:
+            anchor = int(rng.choice(positive))
         else:
-            centre = int(rng.integers(depth))
-        start = int(np.clip(centre - self.clip // 2, 0, max(depth - self.clip, 0)))
-        rows = np.clip(np.arange(start, start + self.clip), 0, depth - 1)
-        image = torch.from_numpy(np.ascontiguousarray(volume.scaled[rows]))[:, None]  # clip x 1 x H x W
+            anchor = int(rng.integers(depth))
+        if self.anchor_first:
+            direction = 1 if rng.random() < 0.5 else -1
+            rows = np.clip(anchor + direction * np.arange(self.clip), 0, depth - 1)
+        else:
+            start = int(np.clip(anchor - self.clip // 2, 0, max(depth - self.clip, 0)))
+            rows = np.clip(np.arange(start, start + self.clip), 0, depth - 1)
+        image = torch.from_numpy(scaled[rows].astype(np.float32))
+        image = image.permute(0, 3, 1, 2) if image.ndim == 4 else image[:, None]  # clip x (1 or 3) x H x W
         if self.augment is not None:
             self.augment.set_random_state(seed=int(rng.integers(2**31)))
             image = convert_to_tensor(self.augment(image), track_meta=False).clamp(0, 1)  # plain tensors collate
@@ -144,12 +164,13 @@ class SlicePromptDataset(Dataset):
         size = (self.image_size, self.image_size)
         image = F.interpolate(image.float(), size=size, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
         target = F.interpolate(target, size=size, mode="nearest")
-        valid = torch.tensor([v is not None for v in volume.channels], dtype=torch.float32)
+        valid = torch.tensor([g == group for g in volume.group_of], dtype=torch.float32)
         return {"image": (image - 0.5) / 0.5, "target": target, "valid": valid}
 
 
 class _Volume(NamedTuple):
-    scaled: np.ndarray  # D x H x W intensities in [0, 1], in the model's view
+    groups: list[np.ndarray]  # per intensity preset: D x H x W (x 3) float16 in [0, 1], in the model's view
     values: np.ndarray  # D x H x W label values
-    positive: np.ndarray  # slices with any annotated structure
+    positive: list[np.ndarray]  # per preset group: slices showing one of its structures
     channels: list[list[int] | None]  # the label values of each training label name, None where not annotated
+    group_of: list[int | None]  # each training label's preset group, None where not annotated

@@ -1,8 +1,8 @@
 """The label vocabulary: names, indices, text prompts and intensity presets, read from one JSON file.
 
 Everything that needs label names (the bundle's metadata, the inference output, the MONAI Label tasks and the
-trainer) reads them from here, so ``configs/vocabulary.json`` is the single source and a bad file fails at load
-time with the file and the problem named, not mid-inference.
+trainer) reads them from here, so the bundle's ``configs/vocabulary.json`` is the single source and a bad file
+fails at load time with the file and the problem named, not mid-inference.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_VOCABULARY_PATH = Path(__file__).resolve().parents[2] / "configs" / "vocabulary.json"
+DEFAULT_VOCABULARY_PATH = Path(__file__).resolve().parents[1] / "configs" / "vocabulary.json"
 MODALITIES = ("CT", "MR")
 _INDEX = re.compile(r"[+-]?[0-9]+")
 

@@ -1,4 +1,7 @@
-"""One loaded model shared by every infer task: weights, predictor, encoding cache and a lock around the GPU.
+"""One loaded model shared by every infer task: the bundle's inferer, the encoding cache and a lock around the GPU.
+
+The pipeline is the bundle's: ``configs/inference.json`` parsed by MONAI's ``ConfigParser`` with the site's
+``--conf`` overrides, its ``inferer`` taken by id, as MONAI Label's bundle apps do.
 
 The model loads on first use (the server loads it at start-up; MONAI Label's training and scoring subprocesses
 only when they need it). Weights the trainer publishes (:mod:`lib.trainers.fine_tuning`) are picked up before
@@ -18,15 +21,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+from monai.bundle import ConfigParser
 
-from scripts.checkpoint import file_if_present, load_adaptation_file, load_network
+from scripts.checkpoint import RANDOM_WEIGHTS, load_adaptation_file
 from scripts.encoding_cache import EncodingCache, image_key
 from scripts.image_io import ImageVolume, read_image, write_label
 from scripts.inference import SegmentationResult, VolumeSegmenter
-from scripts.model_builder import MedSam3, build_medsam3
-from scripts.predictor import Medsam3Predictor
+from scripts.label_numbering import client_values
+from scripts.model_builder import BUILDERS
+from scripts.network import MedSam3
 from scripts.prompts import PromptSet
-from scripts.vocabulary import Vocabulary, load_vocabulary
+from scripts.vocabulary import Vocabulary
 
 from .published_weights import PublishedWeights
 from .settings import AppSettings
@@ -44,21 +49,46 @@ class ModelNotReady(RuntimeError):
 
 
 class ModelService:
-    """Loads the model once (at start-up when its weights are present) and serialises inference on it."""
+    """Serves the bundle's own ``inferer`` (``configs/inference.json``, with the site's ``--conf`` overrides).
+
+    The model loads once (at start-up when its weights are present) and inference on it is serialised.
+    """
 
     def __init__(self, settings: AppSettings, published: PublishedWeights) -> None:
         self.settings = settings
         self.published = published
-        self.vocabulary: Vocabulary = load_vocabulary(settings.vocabulary)
+        self.config_file = Path(settings.bundle) / "configs" / "inference.json"
+        parser = self._parser()
+        model_size = parser.get_parsed_content("model_size")
+        if model_size not in BUILDERS:  # refused at start-up, not at the first request
+            raise ValueError(f"--conf model_size must be one of {sorted(BUILDERS)}, got {model_size!r}")
+        self.vocabulary: Vocabulary = parser.get_parsed_content("vocabulary")
         self.cache = EncodingCache(settings.cache_mb * 2**20)
         self._segmenter: VolumeSegmenter | None = None
-        self._error: str | None = settings.missing_weights()
+        self._error: str | None = self._missing_weights()
         self._lock = threading.RLock()
         self._images: OrderedDict[tuple, ImageVolume] = OrderedDict()
         self._loaded_version: tuple | None = None  # the published weights the model holds
         self.weights: dict[str, Any] = {}  # what is loaded, for /info and responses
         if self._error is not None:
             logger.error("Medical SAM3 is not ready: %s", self._error)
+
+    def _parser(self, **overrides: Any) -> ConfigParser:
+        """The bundle's inference config with the site's overrides, then ``overrides`` (weights to load)."""
+        parser = ConfigParser()
+        parser.read_config(str(self.config_file))
+        parser.update({**self.settings.bundle_overrides, **overrides})
+        return parser
+
+    def _missing_weights(self) -> str | None:
+        """Why the model cannot be served, or None when its weights are in place."""
+        checkpoint = self._parser().get_parsed_content("ckpt_path")
+        if checkpoint == RANDOM_WEIGHTS or Path(checkpoint).is_file():
+            return None
+        return (
+            f"weights not found at {checkpoint}: put the Medical SAM3 checkpoint there "
+            "(see bundle/docs/README.md) or start with --conf ckpt_path <file>"
+        )
 
     def load(self) -> None:
         """Load the model if it is not yet (the server does at start-up), then any newly published weights."""
@@ -74,18 +104,20 @@ class ModelService:
             self._load(adapter, full)
 
     def _load(self, adapter: str | None, full: str | None) -> None:
-        """Build the model with the published weights, else the base; a failure keeps what is being served."""
-        base = self.settings.checkpoint
-        attempts = [(full or base, adapter, full or adapter)] if adapter or full else []
+        """Build the bundle's inferer with the published weights, else the base; a failure keeps what is served."""
+        published = {"ckpt_path": full} if full else {"adapter_path": adapter} if adapter else None
+        attempts = [published, {}] if published else [{}]
         errors = []
-        for checkpoint, adapter_file, fine_tuned in [*attempts, (base, None, None)]:
+        for weights in attempts:
+            fine_tuned = weights.get("ckpt_path") or weights.get("adapter_path")
             try:
-                network = self._build(checkpoint, adapter_file)
+                segmenter = self._inferer(self._parser(**weights))
             except Exception as error:  # noqa: BLE001 - a bad file or out-of-memory must not take the server down
-                logger.error("Cannot load the Medical SAM3 weights %s: %s", fine_tuned or checkpoint, error)
-                errors.append(f"{fine_tuned or checkpoint}: {error}")
+                cause = _root_cause(error)
+                logger.error("Cannot load the Medical SAM3 weights %s: %s", fine_tuned or "(base)", cause)
+                errors.append(f"{fine_tuned or 'base weights'}: {cause}")
                 continue
-            self._install(network, fine_tuned)
+            self._install(segmenter, fine_tuned)
             if errors:
                 self.weights["load_errors"] = errors
             return
@@ -94,11 +126,14 @@ class ModelService:
         else:
             self.weights["load_errors"] = errors  # still serving the previous weights
 
-    def _build(self, checkpoint: str, adapter: str | None) -> MedSam3:
-        settings = self.settings
-        network = build_medsam3(settings.model_size, device=settings.device)
-        tracker = "" if settings.random_weights else file_if_present(settings.tracker_checkpoint)
-        return load_network(network, checkpoint, tracker, adapter)
+    def _inferer(self, parser: ConfigParser, network: MedSam3 | None = None) -> VolumeSegmenter:
+        """The config's ``inferer``, with this server's encoding cache and no progress bars; ``network``, when
+        given, replaces the config's (an adapter loaded in place)."""
+        if network is not None:
+            parser["network"] = network
+        parser["predictor#progress"] = False
+        parser["inferer#cache"] = self.cache
+        return parser.get_parsed_content("inferer", lazy=False)
 
     def _reload_adapter(self, adapter: str) -> bool:
         """Load a newly published adapter into the served model in place (an unadapted model gets its adaptation).
@@ -112,19 +147,14 @@ class ModelService:
         except ValueError as error:
             logger.info("Rebuilding the model for %s: %s", adapter, error)
             return False
-        self._install(model, adapter)
+        self._install(self._inferer(self._parser(), network=model), adapter)
         return True
 
-    def _install(self, network: MedSam3, fine_tuned: str | None) -> None:
-        predictor = Medsam3Predictor(
-            network,
-            batch_size=self.settings.batch_size,
-            score_threshold=self.settings.score_threshold,
-            max_empty_slices=self.settings.max_empty_slices,
-        )
+    def _install(self, segmenter: VolumeSegmenter, fine_tuned: str | None) -> None:
         self.cache.clear()  # encodings of the previous weights
-        self._segmenter = VolumeSegmenter(predictor, self.vocabulary, plane=self.settings.plane, cache=self.cache)
-        self.weights = {"base": self.settings.checkpoint, "fine_tuned": fine_tuned, "loaded": time.strftime("%c")}
+        self._segmenter = segmenter
+        base = self._parser().get_parsed_content("ckpt_path")
+        self.weights = {"base": base, "fine_tuned": fine_tuned, "loaded": time.strftime("%c")}
         logger.info("Medical SAM3 weights: %s", self.weights)
 
     @property
@@ -143,16 +173,8 @@ class ModelService:
         return self.ready and bool(getattr(self._segmenter.predictor.model, "interactive", True))
 
     def offered_labels(self, names: list[str] | None = None) -> dict[str, int]:
-        """``{name: value}`` of the labels the tasks offer (``names`` or the whole vocabulary), numbered 1..N.
-
-        Slicer maps voxel value v to the v-th name and OHIF to the model's label index, so values are
-        contiguous from 1 whatever the vocabulary indices are; unknown names are refused at start-up.
-        """
-        entries = [self.vocabulary.resolve(n) for n in names] if names else list(self.vocabulary)
-        unknown = [e.name for e in entries if not getattr(e, "known", True)]
-        if unknown:
-            raise ValueError(f"--conf labels names labels that are not in the vocabulary: {unknown}")
-        return {name: value for value, name in enumerate(dict.fromkeys(e.name for e in entries), start=1)}
+        """``{name: 1..N}`` the tasks offer (``--conf labels``, default the whole vocabulary), for Slicer and OHIF."""
+        return client_values(self.vocabulary, names)
 
     def _read(self, image_path: str) -> ImageVolume:
         """Read an image, reusing the last few: clicks on one image should not re-read a 300-slice CT each time."""
@@ -200,6 +222,13 @@ class ModelService:
                 "weights": self.weights,
             },
         )
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The error that says what is wrong: MONAI's config parser wraps it in "Failed to evaluate ..." errors."""
+    while isinstance(error, RuntimeError) and str(error).startswith("Failed to ") and error.__cause__ is not None:
+        error = error.__cause__
+    return error
 
 
 def write_result(label: np.ndarray, volume: ImageVolume, extension: str, dtype: str | None, compress: bool) -> str:

@@ -27,9 +27,6 @@ class PublishedWeights:
     def adapter(self) -> str | None:
         return self._existing(ADAPTER_FILE)
 
-    def full_checkpoint(self) -> str | None:
-        return self._existing(FULL_FILE)
-
     def _existing(self, name: str) -> str | None:
         path = self.folder / name
         return str(path) if path.is_file() else None

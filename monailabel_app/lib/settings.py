@@ -1,68 +1,114 @@
-"""The app's options (``monailabel start_server --conf key value``), parsed once into typed values."""
+"""The app's options (``monailabel start_server --conf key value``), parsed once into typed values.
+
+Two kinds of option:
+
+* the app's own (:class:`AppSettings` fields): which bundle to serve, which labels to offer, the encoding cache,
+  the uncertainty scoring and where fine-tuning runs go;
+* everything else overrides an id of the bundle's ``configs/inference.json`` (``model_size``, ``ckpt_path``,
+  ``batch_size``, ...), typed like the value it replaces; the trainer passes the same overrides to ``train.json``.
+  ``checkpoint``, ``tracker_checkpoint``, ``device`` and ``vocabulary`` are accepted as the earlier names of
+  ``ckpt_path``, ``tracker_ckpt_path``, ``device_name`` and ``vocabulary_file``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import json
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
-from .bundle_path import BUNDLE_ROOT, REPO_ROOT
+from scripts.prompts import parse_flag
 
-RANDOM = "random"
+from .bundle_path import BUNDLE_ROOT
+
+ALIASES = {
+    "checkpoint": "ckpt_path",
+    "tracker_checkpoint": "tracker_ckpt_path",
+    "device": "device_name",
+    "vocabulary": "vocabulary_file",
+}
+# inference.json ids that describe one command-line run, not the served model: a request sets them.
+PER_RUN_IDS = {"imports", "bundle_root", "image", "datalist", "prompts", "points", "point_labels", "boxes", "device"}
+PER_RUN_IDS |= {"output_dir", "output_ext", "initialize", "run", "network", "network_def", "predictor", "inferer"}
+PER_RUN_IDS |= {"vocabulary"}
 
 
 @dataclass(frozen=True)
 class AppSettings:
-    """Every option a user can pass with ``--conf``; unknown keys are refused at start-up."""
+    """The app's own options, plus ``overrides`` of the bundle's inference config; unknown keys are refused."""
 
-    model_size: str = "base"
-    checkpoint: str = str(BUNDLE_ROOT / "models" / "model.pt")  # or "random" (tests and demos)
-    tracker_checkpoint: str = str(BUNDLE_ROOT / "models" / "sam3.pt")  # optional: clicks need a tracker
-    device: str = "auto"
-    vocabulary: str = str(REPO_ROOT / "configs" / "vocabulary.json")
-    labels: str = ""  # comma-separated names the auto task offers; empty = the whole vocabulary
+    bundle: str = str(BUNDLE_ROOT)  # the bundle folder to serve (e.g. a fine-tuned copy)
+    labels: str = ""  # comma-separated names the tasks offer; empty = the whole vocabulary
     scoring_labels: str = ""  # comma-separated names the uncertainty scoring uses; empty = scoring off
-    plane: str = "axial"
-    batch_size: int = 8
-    score_threshold: float = 0.5
-    max_empty_slices: int = 5
     cache_mb: int = 4096  # image encodings kept for repeated clicks (least recently used first out)
     model_dir: str = ""  # fine-tuning runs and published weights; empty = <app>/model, as MONAI Label apps do
+    overrides: dict[str, Any] = field(default_factory=dict)  # inference.json id -> value
 
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> AppSettings:
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(conf) - set(known))
-        if unknown:
-            raise ValueError(f"Unknown --conf options {unknown}; the app takes {sorted(known)}")
-        values = {}
+        own = {f.name: f for f in fields(cls) if f.name != "overrides"}
+        values: dict[str, Any] = {}
+        for key in own:
+            if key in conf:
+                values[key] = _typed(key, conf[key], own[key].default)
+        bundle = Path(values.get("bundle", cls.bundle))
+        serving = serving_defaults(bundle)
+        overrides, unknown = {}, []
         for key, raw in conf.items():
-            kind = known[key].type
-            try:
-                values[key] = int(raw) if kind == "int" else float(raw) if kind == "float" else str(raw)
-            except ValueError as error:
-                raise ValueError(f"--conf {key} expects a {kind}, got {raw!r}") from error
-        settings = cls(**values)
-        settings.validate()
+            if key in own:
+                continue
+            name = ALIASES.get(key, key)
+            if name not in serving:
+                unknown.append(key)
+                continue
+            overrides[name] = _typed(key, raw, serving[name])
+        if unknown:
+            raise ValueError(
+                f"Unknown --conf options {sorted(unknown)}; the app takes {sorted(own)} and the ids of "
+                f"{bundle / 'configs' / 'inference.json'}: {sorted(serving)}"
+            )
+        settings = cls(**values, overrides=overrides)
+        if settings.cache_mb < 0:
+            raise ValueError(f"--conf cache_mb must be >= 0, got {settings.cache_mb}")
         return settings
 
-    def validate(self) -> None:
-        if self.model_size not in ("base", "tiny"):
-            raise ValueError(f"--conf model_size must be base or tiny, got {self.model_size!r}")
-        if self.batch_size < 1 or self.cache_mb < 0 or not 0 <= self.score_threshold <= 1:
-            raise ValueError("--conf batch_size must be >= 1, cache_mb >= 0 and score_threshold in [0, 1]")
-
     @property
-    def random_weights(self) -> bool:
-        return self.checkpoint == RANDOM
+    def bundle_overrides(self) -> dict[str, Any]:
+        """The overrides every bundle config the app runs gets: the bundle folder, then the ``--conf`` ids."""
+        return {"bundle_root": str(Path(self.bundle).resolve()), **self.overrides}
 
-    def missing_weights(self) -> str | None:
-        """Why the model cannot be served, or None when its weights are in place."""
-        if self.random_weights or Path(self.checkpoint).is_file():
-            return None
-        return (
-            f"weights not found at {self.checkpoint}: put the Medical SAM3 checkpoint there "
-            "(see bundle/docs/README.md) or start with --conf checkpoint <file>"
-        )
+
+def serving_defaults(bundle: str | Path) -> dict[str, Any]:
+    """The ids of ``<bundle>/configs/inference.json`` a site may set, with their default values."""
+    path = Path(bundle) / "configs" / "inference.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"--conf bundle {bundle}: cannot read {path} ({error})") from error
+    return {k: v for k, v in config.items() if k not in PER_RUN_IDS and not isinstance(v, (dict, list))}
+
+
+def _typed(key: str, raw: str, default: Any) -> Any:
+    """``raw`` as the type of ``default``; where the default is a config expression (``"$..."``), a JSON number,
+    boolean or null is taken as such and anything else as a string."""
+    if isinstance(default, str) and default.startswith("$"):
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            return str(raw)
+        return value if value is None or isinstance(value, (bool, int, float)) else str(raw)
+    kind = type(default)
+    try:
+        if kind is bool:
+            return parse_flag(raw, f"--conf {key}")
+        if kind in (int, float):
+            value = kind(raw)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ValueError("not finite")
+            return value
+    except ValueError as error:
+        raise ValueError(f"--conf {key} expects a {kind.__name__}, got {raw!r}") from error
+    return str(raw)
 
 
 def names(value: str) -> list[str]:

@@ -13,6 +13,7 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 from scripts.inference import SegmentationResult
+from scripts.label_numbering import renumber, to_client_values
 from scripts.prompts import PromptSet
 
 from ..model_service import ModelNotReady, ModelService, write_result
@@ -23,8 +24,9 @@ logger = logging.getLogger(__name__)
 class Medsam3InferTask(InferTask):
     """Turns a client's request into a :class:`PromptSet`, runs the shared model and answers in the client's format.
 
-    Result voxels carry the task's label values (``labels``: name -> 1..N, as Slicer and OHIF read them); free
-    text gets the next values. Bad requests become HTTP 400 with the reason, a model without weights 503.
+    Result voxels carry the task's label values (``labels``: name -> 1..N, as Slicer and OHIF read them; see
+    :mod:`scripts.label_numbering`); free text gets the next values. Bad requests become HTTP 400 with the
+    reason, a model without weights 503.
     """
 
     def __init__(
@@ -40,6 +42,8 @@ class Medsam3InferTask(InferTask):
         info = super().info()
         info["ready"] = self.service.ready
         info["status"] = self.service.status
+        # labels are numbered 1..N for clients; the bundle's label maps (and the vocabulary) use these indices
+        info["vocabulary_index"] = {name: self.service.vocabulary.resolve(name).index for name in self.labels}
         return info
 
     @abstractmethod
@@ -58,12 +62,8 @@ class Medsam3InferTask(InferTask):
 
     def output(self, result: SegmentationResult, request: dict[str, Any]) -> tuple[np.ndarray, dict[str, int]]:
         """The label map to send back and its ``{name: value}``, renumbered to the task's label values."""
-        names = dict(self.labels)
-        label = np.zeros(result.label.shape, dtype=np.uint16)
-        for row in result.labels:
-            value = names.setdefault(row["name"], max(names.values(), default=0) + 1)
-            label[result.label == row["index"]] = value
-        return label, names
+        mapping, names = to_client_values(result.labels, self.labels)
+        return renumber(result.label, mapping), names
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         start = time.perf_counter()

@@ -20,21 +20,25 @@ from typing import Any
 
 import numpy as np
 from ignite.engine import Engine, Events
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
-from scripts import BUNDLE_ROOT
-from scripts.checkpoint import file_if_present, read_adaptation_file
+from scripts.checkpoint import read_adaptation_file
 from scripts.image_io import read_image
 from scripts.prompts import parse_flag
 
+from ..bundle_path import REPO_ROOT
 from ..published_weights import PublishedWeights
 from ..settings import AppSettings
 
 logger = logging.getLogger(__name__)
 
-MODES = ["adapter3d", "lora", "full"]  # the first is the default (MONAI Label shows lists as choices)
+MODES = ("adapter3d", "lora", "full")
+# Options a request may set: train.json ids (defaults from train.json + the app's preset) and the app's own.
+TRAIN_OPTIONS = ("mode", "max_steps", "batch_size", "lr_backbone", "lr_decoder", "click_rounds", "train_heads")
+APP_OPTIONS = {"validation_fraction": 0.2, "continue_from_published": True}
+APP_PRESET = REPO_ROOT / "configs" / "app_training.json"  # the app's on-site defaults over train.json
 PASSED_BY_MONAI_LABEL = {"model", "gpus", "local_rank", "client_id", "bundle_path"}
 STATS_FILE = "train_stats.json"
 IGNORED_NAMES = {"background", ""}
@@ -42,27 +46,30 @@ SLICER_DEFAULT_NAME = re.compile(r"Segment_\d+")  # a segment nobody named: no s
 
 
 class FineTuning(TrainTask):
-    """Fine-tunes Medical SAM3 on ``labels/final`` (3D adapters by default) and publishes the result."""
+    """Fine-tunes Medical SAM3 on ``labels/final`` with the bundle's ``train.json`` and publishes the result.
+
+    The config files are ``<bundle>/configs/train.json`` then ``configs/app_training.json`` (the app's preset: 3D
+    adapters, a short run), with the site's ``--conf`` overrides of ids train.json has (weights, model size, device).
+    """
 
     def __init__(self, settings: AppSettings, label_values: dict[str, int], model_dir: Path) -> None:
-        super().__init__("Fine-tune Medical SAM3 on the submitted labels (LoRA + 3D adapters by default)")
+        super().__init__("Fine-tune Medical SAM3 on the submitted labels (train.json with the app's preset)")
         self.settings = settings
         self.names_by_value = {value: name for name, value in label_values.items()}
         self.model_dir = model_dir
         self.published = PublishedWeights(model_dir)
+        self.config_files = [str(Path(settings.bundle) / "configs" / "train.json"), str(APP_PRESET)]
+        parser = ConfigParser()
+        parser.read_config(self.config_files)
+        self.overrides = {k: v for k, v in settings.bundle_overrides.items() if k in parser.config}
+        parser.update(self.overrides)
+        self.defaults = {key: parser.get_parsed_content(key) for key in (*TRAIN_OPTIONS, "model_size")}
 
     def config(self) -> dict[str, Any]:
-        return {
-            "mode": list(MODES),
-            "max_steps": 200,
-            "batch_size": 1,
-            "lr_backbone": 2e-4,
-            "lr_decoder": 3e-4,
-            "click_rounds": 3,
-            "train_heads": True,
-            "validation_fraction": 0.2,
-            "continue_from_published": True,
-        }
+        """The options Slicer shows; the default mode comes first (MONAI Label shows lists as choices)."""
+        mode = self.defaults["mode"]
+        options = {key: self.defaults[key] for key in TRAIN_OPTIONS if key != "mode"}
+        return {"mode": [mode, *(m for m in MODES if m != mode)], **options, **APP_OPTIONS}
 
     def stats(self) -> dict[str, Any]:
         """The current or last run, with the keys Slicer's progress and accuracy bars read (``epoch`` counts steps)."""
@@ -81,23 +88,11 @@ class FineTuning(TrainTask):
         datalist = run_dir / "datalist.json"
         datalist.write_text(json.dumps({"training": training, "validation": validation}, indent=2))
         overrides = {
+            **self.overrides,
+            **{key: options[key] for key in TRAIN_OPTIONS},
             "datalist": str(datalist),
             "output_dir": str(run_dir),
-            "mode": options["mode"],
-            "model_size": self.settings.model_size,
-            "ckpt_path": self.settings.checkpoint,
-            "tracker_ckpt_path": ""
-            if self.settings.random_weights
-            else file_if_present(self.settings.tracker_checkpoint),
             "adapter_path": self._starting_adapter(options),
-            "vocabulary_file": self.settings.vocabulary,
-            "device_name": self.settings.device,
-            "max_steps": options["max_steps"],
-            "batch_size": options["batch_size"],
-            "lr_backbone": options["lr_backbone"],
-            "lr_decoder": options["lr_decoder"],
-            "click_rounds": options["click_rounds"],
-            "train_heads": options["train_heads"],
             "val_every": max(1, options["max_steps"] // 4) if validation else 0,
         }
         # The exact train.json overrides: a stopped run continues with them plus --resume <run>/train_state.pt.
@@ -111,8 +106,8 @@ class FineTuning(TrainTask):
             run_dir,
         )
         workflow = ConfigWorkflow(
-            config_file=str(BUNDLE_ROOT / "configs" / "train.json"),
-            meta_file=str(BUNDLE_ROOT / "configs" / "metadata.json"),
+            config_file=self.config_files,
+            meta_file=str(Path(self.settings.bundle) / "configs" / "metadata.json"),
             logging_file=False,  # MONAI Label's subprocess logging already reaches /train status
             workflow_type="train",
             **overrides,
@@ -168,7 +163,7 @@ class FineTuning(TrainTask):
         if (config.get("mode"), config.get("heads"), size) != (
             options["mode"],
             options["train_heads"],
-            self.settings.model_size,
+            self.defaults["model_size"],
         ):
             logger.info("Starting from the base: the published adapter is %s on %s, this run %s", config, size, options)
             return ""
@@ -190,7 +185,7 @@ class FineTuning(TrainTask):
             else:
                 try:
                     value = parse_flag(value, key) if isinstance(default, bool) else type(default)(value)
-                except (TypeError, ValueError) as error:
+                except (TypeError, ValueError, OverflowError) as error:
                     raise ValueError(f"{key} expects a {type(default).__name__}, got {value!r}") from error
             options[key] = value
         if options["max_steps"] < 1 or options["batch_size"] < 1 or not 0 <= options["validation_fraction"] < 1:

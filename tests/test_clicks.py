@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from scripts.click_simulation import next_click
+from scripts.clicks import next_click
 
 
 def test_first_click_is_the_deepest_point_of_the_structure() -> None:
