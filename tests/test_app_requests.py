@@ -105,3 +105,29 @@ def test_images_are_read_once_per_version(service, tmp_path) -> None:
     assert service._read(str(image)) is first  # a second click does not re-read the file
     os.utime(image, ns=(1, 10**18))
     assert service._read(str(image)) is not first  # an edited file is read again
+
+
+def test_the_app_serves_another_bundle_folder(tmp_path) -> None:
+    """``--conf bundle <dir>``: a site's copy of the bundle, with its own configs and vocabulary, is what is served."""
+    import json
+    import shutil
+
+    from lib.bundle_path import BUNDLE_ROOT
+    from lib.trainers.fine_tuning import FineTuning
+
+    copy = tmp_path / "site_bundle"
+    shutil.copytree(BUNDLE_ROOT / "configs", copy / "configs")
+    inference = json.loads((copy / "configs" / "inference.json").read_text())
+    inference["score_threshold"] = 0.25
+    (copy / "configs" / "inference.json").write_text(json.dumps(inference))
+    vocabulary = json.loads((copy / "configs" / "vocabulary.json").read_text())
+    vocabulary["labels"] = vocabulary["labels"][:3]  # a site offering three structures
+    (copy / "configs" / "vocabulary.json").write_text(json.dumps(vocabulary))
+    settings = AppSettings.from_conf({"bundle": str(copy), "model_size": "tiny", "checkpoint": "random"})
+    service = ModelService(settings, PublishedWeights(tmp_path / "model"))
+    assert service.offered_labels() == {"liver": 1, "spleen": 2, "right kidney": 3}
+    assert service.ready and service._segmenter.predictor.score_threshold == 0.25
+    trainer = FineTuning(settings, service.offered_labels(), tmp_path / "model")
+    assert trainer.config_files[0] == str(copy / "configs" / "train.json") and trainer.defaults["model_size"] == "tiny"
+    with pytest.raises(ValueError, match="--conf bundle .*: cannot read"):
+        AppSettings.from_conf({"bundle": str(tmp_path / "nowhere")})

@@ -84,7 +84,8 @@ def test_project_format(tmp_path: Path, source) -> None:
     model, expected = source
     path = save_checkpoint(model, tmp_path / "model.pt", note="test")
     raw = torch.load(path, map_location="cpu", weights_only=True)
-    assert raw["format"] == "medsam3" and raw["model_size"] == "tiny" and raw["meta"] == {"image_size": 224, "note": "test"}
+    assert raw["format"] == "medsam3" and raw["model_size"] == "tiny"
+    assert raw["meta"] == {"image_size": 224, "note": "test"}
     target = tiny_model(seed=0)
     load_checkpoint(target, path)
     _assert_same(model_outputs(target), expected)

@@ -21,33 +21,25 @@ from monailabel_server import free_port, launch_server
 from scripts.clicks import next_click
 from scripts.image_io import read_image
 from scripts.metrics import dice
-from scripts.phantom import write_phantom
-from scripts.phantom_dataset import DEMO_FIRST_SEED
+from scripts.phantom_dataset import DEMO_FIRST_SEED, HELD_OUT_CASES, HELD_OUT_LABELS, write_held_out_dataset
 
 pytestmark = pytest.mark.slow
 
-LABELS = {"1": "liver", "2": "spleen", "3": "right kidney", "4": "left kidney"}
-CASES = (("ct_lps", "ct", "LPS", 11), ("ct_psr", "ct", "PSR", 12), ("mr_ila", "mr", "ILA", 13))
+LABELS = HELD_OUT_LABELS
 EVALUATE = ["inference.json", "demo.json", "evaluate.json"]
 
 
 @pytest.fixture(scope="module")
 def held_out(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("held_out")
-    items = []
-    for name, kind, code, seed in CASES:
-        assert seed < DEMO_FIRST_SEED
-        image, label = write_phantom(
-            root / "images", name, kind=kind, orientation=code, shape=(80, 72, 28), spacing=(1.6, 1.6, 3.5), seed=seed
-        )
-        items.append({"image": str(image), "label": str(label)})
-    (root / "datalist.json").write_text(json.dumps({"testing": items, "labels": LABELS}))
+    assert all(seed < DEMO_FIRST_SEED for *_, seed in HELD_OUT_CASES)
+    write_held_out_dataset(root / "images")
     return root
 
 
 def _evaluate(root: Path, name: str, *args: str) -> dict:
     result = bundle_run(
-        "--datalist", str(root / "datalist.json"), "--output_dir", str(root / name), *args, config=EVALUATE
+        "--datalist", str(root / "images" / "datalist.json"), "--output_dir", str(root / name), *args, config=EVALUATE
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((root / name / "summary.json").read_text())
@@ -83,7 +75,7 @@ def test_clicks_alone_segment_a_structure(held_out: Path) -> None:
 @pytest.fixture(scope="module")
 def server(held_out: Path, tmp_path_factory) -> Iterator[str]:
     studies = tmp_path_factory.mktemp("studies")
-    for name, *_ in CASES:
+    for name, *_ in HELD_OUT_CASES:
         (studies / f"{name}.nii.gz").write_bytes((held_out / "images" / f"{name}.nii.gz").read_bytes())
     conf = ["--conf", "model_size", "tiny", "--conf", "ckpt_path", str(DEMO_MODEL)]
     yield from launch_server(tmp_path_factory.mktemp("server"), studies, free_port(), *conf)

@@ -139,3 +139,19 @@ def test_text_results_are_kept_on_the_encoding(model) -> None:
     assert clicks.logits is not first.logits  # refining never edits the kept text result
     predictor.score_threshold = 0.9
     assert predictor.segment_text(encoding, ["liver"])[0] is not first  # another threshold, another result
+
+
+def test_at_most_sixteen_clicks_of_a_slice_reach_the_heads(model) -> None:
+    """As upstream's video predictor: the first eight and the latest eight clicks of a slice are used."""
+    predictor = Medsam3Predictor(model, max_empty_slices=None)
+    encoding = predictor.encode(random_slices(3))
+    rng = np.random.default_rng(0)
+    points = np.column_stack([np.ones(20, dtype=int), rng.integers(0, 40, 20), rng.integers(0, 48, 20)])
+    labels = rng.integers(0, 2, 20)
+    labels[0] = 1
+    all_clicks = predictor.segment_clicks(encoding, points, labels)
+    kept = np.r_[0:8, 12:20]
+    expected = predictor.segment_clicks(encoding, points[kept], labels[kept])
+    assert torch.equal(all_clicks.logits, expected.logits)
+    fewer = predictor.segment_clicks(encoding, points[:15], labels[:15])
+    assert not torch.equal(fewer.logits, predictor.segment_clicks(encoding, points[:14], labels[:14]).logits)

@@ -9,7 +9,8 @@ them by argument (``precompute_resolution=None``, ``resolution=None``); what rem
 * ``RoPEAttention.freqs_cis`` and the position-encoding caches are plain tensor attributes that ``Module.to``
   does not move: :func:`move_tensor_caches` re-homes them whenever the model changes device;
 * the text encoder's ``positional_embedding`` is created with ``torch.empty`` and only filled by a checkpoint:
-  :func:`initialise_unset_parameters` gives it a proper initialisation (otherwise training produces NaN).
+  :func:`initialise_unset_parameters` gives it a proper initialisation (otherwise training produces NaN);
+* :func:`precision` picks the compute precision by device (bf16 autocast on CUDA, fp32 on the CPU).
 """
 
 from __future__ import annotations
@@ -74,3 +75,10 @@ def initialise_unset_parameters(model: nn.Module) -> None:
             nn.init.normal_(module.positional_embedding, std=0.01)
             if isinstance(module.text_projection, nn.Parameter):
                 nn.init.normal_(module.text_projection, std=module.width**-0.5)
+
+
+def precision(device: torch.device, amp: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (the model's training precision); fp32 on CPU, where bf16 is slow and inexact."""
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -85,24 +85,19 @@ class VolumeSegmenter:
         def encoding_for(entry: ResolvedPrompt | None) -> VolumeEncoding:
             return self._encoding(image, view, preset_for(image, self.vocabulary, entry, modality), memo)
 
-        results: list[PromptResult] = []
-        rows: list[dict[str, Any]] = []
-        encoding: VolumeEncoding | None = None
         if len(prompts.points) or len(prompts.boxes):
             entry = resolved[0] if resolved else None
             encoding = encoding_for(entry)
             initial = self.predictor.segment_text(encoding, entry.prompts[:1])[0] if entry else None
-            result = self._geometric(encoding, view, prompts, initial, image.is_2d)
+            results = [self._geometric(encoding, view, prompts, initial, image.is_2d)]
             (value,) = vocabulary_values([entry or UNNAMED_OBJECT], self.vocabulary)
-            results.append(result)
-            rows.append(self._row(entry, result, "clicks" if len(prompts.points) else "boxes", value=value))
+            rows = [self._row(entry, results[0], "clicks" if len(prompts.points) else "boxes", value=value)]
         else:
-            for entry, value in zip(resolved, vocabulary_values(resolved, self.vocabulary), strict=True):
-                encoding = encoding_for(entry)
-                # The first synonym is the canonical prompt; the rest serve fine-tuning and disagreement scoring.
-                result = self.predictor.segment_text(encoding, entry.prompts[:1])[0]
-                results.append(result)
-                rows.append(self._row(entry, result, "text", value=value))
+            encodings = [encoding_for(entry) for entry in resolved]
+            encoding = encodings[-1]
+            results = self._text_results(encodings, resolved)
+            values = vocabulary_values(resolved, self.vocabulary)
+            rows = [self._row(e, r, "text", value=v) for e, r, v in zip(resolved, results, values, strict=True)]
         label_view = self.predictor.label_map(encoding, results, [row["index"] for row in rows])
         if len(prompts.points):  # a click states what its voxel is: foreground clicks in, background clicks out
             clicked = view.points_to_view(_as_3d(prompts.points, image.is_2d))
@@ -163,6 +158,20 @@ class VolumeSegmenter:
         if self.modality != "auto":
             return self.modality
         return guess_modality(image.array)
+
+    def _text_results(self, encodings: list[VolumeEncoding], entries: list[ResolvedPrompt]) -> list[PromptResult]:
+        """Each entry's text result; the prompts sharing an encoding (an intensity preset) run through the heads
+        together, so many labels cost about as much as a few."""
+        groups: dict[int, list[int]] = {}
+        for i, encoding in enumerate(encodings):
+            groups.setdefault(id(encoding), []).append(i)
+        results: list[PromptResult | None] = [None] * len(entries)
+        for members in groups.values():
+            # The first synonym is the canonical prompt; the rest serve fine-tuning and disagreement scoring.
+            answers = self.predictor.segment_text(encodings[members[0]], [entries[i].prompts[0] for i in members])
+            for i, answer in zip(members, answers, strict=True):
+                results[i] = answer
+        return results
 
     @staticmethod
     def _slices(image: ImageVolume, view: SliceView, preset: dict) -> torch.Tensor:

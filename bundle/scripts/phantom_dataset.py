@@ -18,10 +18,13 @@ import numpy as np
 
 from .phantom import PHANTOM_LABELS, write_phantom
 
-__all__ = ["DEMO_FIRST_SEED", "write_phantom_dataset"]
+__all__ = ["DEMO_FIRST_SEED", "HELD_OUT_CASES", "write_held_out_dataset", "write_phantom_dataset"]
 
 DEMO_FIRST_SEED = 1000
 ORIENTATIONS = ("RAS", "LPS", "LAS", "PSR", "ILA", "RPI")
+# The demo model's golden held-out cases: (name, kind, orientation, seed), seeds it never trained on.
+HELD_OUT_CASES = (("ct_lps", "ct", "LPS", 11), ("ct_psr", "ct", "PSR", 12), ("mr_ila", "mr", "ILA", 13))
+HELD_OUT_LABELS = {"1": "liver", "2": "spleen", "3": "right kidney", "4": "left kidney"}
 
 
 def write_phantom_dataset(
@@ -45,6 +48,21 @@ def write_phantom_dataset(
     if not datalist.is_file() or json.loads(datalist.read_text()) != json.loads(json.dumps(content)):
         datalist.write_text(json.dumps(content, indent=2))
     return str(datalist)
+
+
+def write_held_out_dataset(output_dir: str | Path) -> Path:
+    """The held-out cases (80 x 72 x 28 at 1.6 x 1.6 x 3.5 mm) and a datalist of them as ``testing``, labelled with
+    the four organs the golden tests score; returns the datalist's path."""
+    root = Path(output_dir)
+    items = []
+    for name, kind, code, seed in HELD_OUT_CASES:
+        image, label = write_phantom(
+            root, name, kind=kind, orientation=code, shape=(80, 72, 28), spacing=(1.6, 1.6, 3.5), seed=seed
+        )
+        items.append({"image": str(image), "label": str(label)})
+    path = root / "datalist.json"
+    path.write_text(json.dumps({"testing": items, "labels": HELD_OUT_LABELS}))
+    return path
 
 
 def _case(root: Path, seed: int, mr_fraction: float) -> dict[str, str]:

@@ -22,13 +22,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .cpu_compat import device_fallbacks
+from .cpu_compat import device_fallbacks, precision
 from .network import EMPTY_LOGIT, MedSam3, empty_geometry, find_stage, text_result_logits
 from .timing import StageTimer
 
 __all__ = ["EMPTY_LOGIT", "Medsam3Predictor", "PromptResult", "VolumeEncoding"]
 
 logger = logging.getLogger(__name__)
+
+MAX_PROMPTS_PER_FORWARD = 64  # text prompts answered in one detector forward (x slices: the memory cap)
+MAX_CLICKS_PER_SLICE = 16  # upstream Sam3TrackerPredictor's max_point_num_in_prompt_enc
 
 
 @dataclass
@@ -161,8 +164,9 @@ class Medsam3Predictor:
         if not prompts:
             raise ValueError("No text prompts given")
         missing = [p for p in dict.fromkeys(prompts) if (p, self.score_threshold) not in encoding.text_results]
-        if missing:
-            for prompt, result in zip(missing, self._segment_text(encoding, missing), strict=True):
+        for start in range(0, len(missing), MAX_PROMPTS_PER_FORWARD):  # bounds the queries of one forward
+            chunk = missing[start : start + MAX_PROMPTS_PER_FORWARD]
+            for prompt, result in zip(chunk, self._segment_text(encoding, chunk), strict=True):
                 encoding.text_results[(prompt, self.score_threshold)] = result
         return [encoding.text_results[(p, self.score_threshold)] for p in prompts]
 
@@ -297,7 +301,7 @@ class Medsam3Predictor:
         clicked = sorted({int(d) for d in points[:, 0]})
         with self._running():
             for index in clicked:
-                on_slice = points[:, 0] == index
+                on_slice = _capped(np.flatnonzero(points[:, 0] == index))
                 point_inputs = {
                     "point_coords": self._to_model_xy(encoding, points[on_slice, 1], points[on_slice, 2])[None],
                     "point_labels": torch.as_tensor(labels[on_slice], dtype=torch.int32, device=self.device)[None],
@@ -364,11 +368,13 @@ class Medsam3Predictor:
         return out
 
 
-def precision(device: torch.device, amp: bool = True) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (the model's training precision); fp32 on CPU, where bf16 is slow and inexact."""
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def _capped(indices: np.ndarray) -> np.ndarray:
+    """At most :data:`MAX_CLICKS_PER_SLICE` clicks of one slice reach the prompt encoder: the first and the latest
+    halves, as upstream's video predictor does (its heads were trained with a few points per round)."""
+    if len(indices) <= MAX_CLICKS_PER_SLICE:
+        return indices
+    half = MAX_CLICKS_PER_SLICE // 2
+    return np.concatenate([indices[:half], indices[-(MAX_CLICKS_PER_SLICE - half) :]])
 
 
 def _object_score(out: dict) -> torch.Tensor:

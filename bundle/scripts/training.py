@@ -31,14 +31,14 @@ from .adapters import (
 )
 from .checkpoint import load_network, save_checkpoint
 from .click_training import ClickPromptLoss, ClickSimulation
-from .cpu_compat import device_fallbacks
+from .cpu_compat import device_fallbacks, precision
 from .image_io import read_image
 from .inference import VolumeSegmenter
 from .label_numbering import item_labels
 from .losses import TextPromptLoss
 from .metrics import dice
 from .network import MedSam3
-from .predictor import Medsam3Predictor, precision
+from .predictor import Medsam3Predictor
 from .prompts import PromptSet, parse_flag
 
 __all__ = [
