@@ -155,3 +155,36 @@ def test_at_most_sixteen_clicks_of_a_slice_reach_the_heads(model) -> None:
     assert torch.equal(all_clicks.logits, expected.logits)
     fewer = predictor.segment_clicks(encoding, points[:15], labels[:15])
     assert not torch.equal(fewer.logits, predictor.segment_clicks(encoding, points[:14], labels[:14]).logits)
+
+
+def test_presence_gating_changes_no_text_result(model) -> None:
+    """The mask head runs only for pairs with an instance above the threshold, and every result is as ungated."""
+    from unittest import mock
+
+    from scripts.network import MedSam3Detector
+
+    slices = random_slices(4)
+    prompts = ["liver", "spleen", "aorta", "left kidney"]
+    probe = Medsam3Predictor(model, batch_size=8, score_threshold=0.0)
+    best = torch.stack([r.scores for r in probe.segment_text(probe.encode(slices), prompts)])  # prompts x slices
+    threshold = float(best.flatten().median())  # about half the (prompt, slice) pairs pass
+
+    def ungated(self, backbone_out, find_input, geometric_prompt, threshold):  # noqa: ANN001, ARG001
+        return self.forward_grounding(backbone_out, find_input, None, geometric_prompt)
+
+    masked_pairs = []
+    heads = MedSam3Detector._run_segmentation_heads
+
+    def counting(self, **kwargs):  # noqa: ANN001, ANN003
+        masked_pairs.append(len(kwargs["img_ids"]))
+        return heads(self, **kwargs)
+
+    gated = Medsam3Predictor(model, batch_size=8, score_threshold=threshold)
+    with mock.patch.object(MedSam3Detector, "_run_segmentation_heads", counting):
+        results = gated.segment_text(gated.encode(slices), prompts)
+    assert 0 < sum(masked_pairs) < best.numel()  # some pairs skipped the mask head, some did not
+    plain = Medsam3Predictor(model, batch_size=8, score_threshold=threshold)
+    with mock.patch.object(MedSam3Detector, "forward_presence_gated", ungated):
+        expected = plain.segment_text(plain.encode(slices), prompts)
+    for ours, theirs in zip(results, expected, strict=True):
+        assert torch.equal(ours.logits, theirs.logits) and torch.equal(ours.scores, theirs.scores)

@@ -46,6 +46,48 @@ class MedSam3Detector(Sam3Image):
     def _compute_matching(self, out: dict, targets: object) -> None:
         return None
 
+    def forward_presence_gated(
+        self, backbone_out: dict, find_input: FindStage, geometric_prompt: Prompt, threshold: float
+    ) -> dict:
+        """``forward_grounding`` for inference, with the mask head run only where it can matter.
+
+        Detection and presence scores come first (encoder, decoder); the segmentation head then runs only for the
+        (prompt, image) pairs with an instance scoring above ``threshold``. The other pairs' ``pred_masks`` are
+        :data:`EMPTY_LOGIT`: a text result keeps no instance of theirs anyway, so label maps are unchanged.
+        """
+        prompt, prompt_mask, backbone_out = self._encode_prompt(backbone_out, find_input, geometric_prompt)
+        backbone_out, encoder_out, _ = self._run_encoder(backbone_out, find_input, prompt, prompt_mask)
+        out = {"encoder_hidden_states": encoder_out["encoder_hidden_states"]}
+        out, hs = self._run_decoder(
+            memory=out["encoder_hidden_states"],
+            pos_embed=encoder_out["pos_embed"],
+            src_mask=encoder_out["padding_mask"],
+            out=out,
+            prompt=prompt,
+            prompt_mask=prompt_mask,
+            encoder_out=encoder_out,
+        )
+        scores = out["pred_logits"].float().sigmoid().squeeze(-1)  # pairs x queries, presence folded in
+        kept = (scores > threshold).any(dim=1).nonzero().flatten()
+        size = backbone_out["backbone_fpn"][0].shape[-1]  # the mask head's output grid: the finest level
+        masks = torch.full((*scores.shape, size, size), EMPTY_LOGIT, device=scores.device)
+        if kept.numel():
+            heads: dict = {}
+            self._run_segmentation_heads(
+                out=heads,
+                backbone_out=backbone_out,
+                img_ids=find_input.img_ids[kept],
+                vis_feat_sizes=encoder_out["vis_feat_sizes"],
+                encoder_hidden_states=out["encoder_hidden_states"][:, kept],
+                prompt=prompt[:, kept],
+                prompt_mask=prompt_mask[kept],
+                hs=hs[:, kept],
+            )
+            masks[kept] = heads["pred_masks"].float()
+        out["pred_masks"] = masks
+        out["gated_pairs"] = int(scores.shape[0] - kept.numel())
+        return out
+
 
 class MedSam3(nn.Module):
     """The detector (text/box prompts) and the tracker (clicks, propagation across slices) of one model.

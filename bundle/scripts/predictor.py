@@ -186,11 +186,11 @@ class Medsam3Predictor:
                     backbone_out = {"vision_features": feats[-1], "vision_pos_enc": pos, "backbone_fpn": feats, **text}
                     img_ids = torch.arange(b, device=self.device).repeat(len(prompts))
                     text_ids = torch.arange(len(prompts), device=self.device).repeat_interleave(b)
-                    out = self.model.detector.forward_grounding(
+                    out = self.model.detector.forward_presence_gated(
                         backbone_out=backbone_out,
                         find_input=find_stage(img_ids, text_ids),
-                        find_target=None,
                         geometric_prompt=empty_geometry(len(img_ids), self.device),
+                        threshold=self.score_threshold,
                     )
                     # supervise_joint_box_scores: pred_logits already include the presence score
                     inst_scores = out["pred_logits"].float().sigmoid().squeeze(-1).view(len(prompts), b, -1)
