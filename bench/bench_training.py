@@ -42,9 +42,13 @@ class _Engine:
 def run_mode(mode: str, args: argparse.Namespace, items: list[dict], device: torch.device) -> dict:
     model = build_medsam3(args.model_size, device=device)
     configure_adaptation(model, mode, heads=args.train_heads)
-    clip = 3 if mode == "adapter3d" else 1
+    # as train.json: the tracker's clips when it trains, else single slices (3 for the 3D adapters)
+    clip = args.tracking_clip if args.click_rounds > 0 else (3 if mode == "adapter3d" else 1)
     vocabulary = load_vocabulary()
-    dataset = SlicePromptDataset(items, LABELS, vocabulary, model.image_size, args.steps * args.batch_size, clip=clip)
+    samples = args.steps * args.batch_size
+    dataset = SlicePromptDataset(
+        items, LABELS, vocabulary, model.image_size, samples, clip=clip, anchor_first=args.click_rounds > 0
+    )
     loader = DataLoader(dataset, batch_size=args.batch_size)
     engine = _Engine(model, torch.optim.AdamW(param_groups(model)))
     clicks = ClickSimulation(rounds=args.click_rounds) if args.click_rounds > 0 else None
@@ -83,6 +87,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--click_rounds", type=int, default=3, help="simulated box/click rounds (0: text only)")
+    parser.add_argument("--tracking_clip", type=int, default=8, help="slices per tracker clip (train.json default)")
     parser.add_argument(
         "--train_heads", type=int, default=1, help="adapter modes also train the heads (1, as train.json)"
     )

@@ -125,10 +125,11 @@ def param_groups(
     lr_decoder: float = 3e-4,
     layer_decay: float = 0.85,
     weight_decay: float = 0.05,
+    lr_tracker: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Optimiser groups: ViT block i gets ``lr_backbone * layer_decay ** (depth + 1 - layer_id)``; the rest of
-    the model (text encoder, DETR, heads, tracker) ``lr_decoder``; norms, biases and embeddings no weight decay.
-    Frozen parameters are left out.
+    """Optimiser groups: ViT block i gets ``lr_backbone * layer_decay ** (depth + 1 - layer_id)``; the tracker
+    ``lr_tracker`` (default ``lr_decoder``); the rest (text encoder, DETR, heads) ``lr_decoder``; norms, biases and
+    embeddings no weight decay. Frozen parameters are left out.
     """
     trunk = model.detector.backbone.vision_backbone.trunk
     depth = trunk.get_num_layers()
@@ -140,6 +141,8 @@ def param_groups(
         if name.startswith(prefix):
             layer = trunk.get_layer_id(name[len(prefix) :])
             lr = lr_backbone * layer_decay ** (depth + 1 - layer)
+        elif name.startswith("tracker.") and lr_tracker is not None:
+            lr = lr_tracker
         else:
             lr = lr_decoder
         decay = 0.0 if parameter.ndim <= 1 or "pos_embed" in name or "embedding" in name else weight_decay
