@@ -2,7 +2,7 @@
 
 Writes a synthetic file in the trainer's format (``{"model": ..., "optimizer": ..., "epoch", ...}``) whose optimizer
 state weighs ``--optimizer_gb``, then loads it in fresh processes: with the bundle's loader (memory-mapped, model
-tensors only) and with a plain ``torch.load``. Peak RSS is each process's maximum.
+tensors only) and with a plain ``torch.load``. Peak RSS is each loading process's own high-water mark (VmHWM).
 
 .venv/bin/python bench/bench_checkpoint_loading.py --optimizer_gb 8 --output bench/results/checkpoint_loading_cpu.json
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,8 @@ LOADERS = {
 
 
 def _peak_rss_gib(code: str, path: Path) -> float:
-    peak = "import resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    # VmHWM: this process's own high-water mark (ru_maxrss would include the writer's, inherited across fork)
+    peak = "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
     script = f"{code.replace('PATH', repr(str(path)))}\n{peak}"
     env = {**os.environ, "PYTHONPATH": str(REPO / "bundle")}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
@@ -63,7 +63,6 @@ def main() -> None:
             "model_gib": round(sum(v.numel() * v.element_size() for v in model.values()) / 2**30, 3),
             "file_gib": size_gib,
             "peak_rss_gib": peaks,
-            "this_process_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
         },
         args.output,
     )
