@@ -147,6 +147,7 @@ class _FrameFeatures:
     """The tracker's inputs on slice t of every tracked pair's clip: top-level features, positions, high-res maps."""
 
     def __init__(self, tracker: Sam3TrackerBase, sam2_features: dict, first_images: torch.Tensor) -> None:
+        self.tracker = tracker
         fpn, pos = sam2_features["backbone_fpn"], sam2_features["vision_pos_enc"]
         decoder = tracker.sam_mask_decoder
         self.high_res = [decoder.conv_s0(fpn[0]), decoder.conv_s1(fpn[1])]
@@ -154,11 +155,23 @@ class _FrameFeatures:
         self.first_images = first_images.to(self.top.device)
         self.size = tuple(self.top.shape[-2:])
 
-    def at(self, frame: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    def at(
+        self, frame: int, clip: int, memory: dict, prompted: bool
+    ) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
+        """Slice ``frame``'s top-level features (HW x M x C), the same fused with the tracker's ``memory`` (M x C x
+        h x w; a prompted slice gets the no-memory embedding instead) and the two high-resolution levels."""
         images = self.first_images + frame
         feats = [self.top[images].flatten(2).permute(2, 0, 1)]  # HW x M x C, as the tracker expects
-        pos = [self.top_pos[images].flatten(2).permute(2, 0, 1)]
-        return feats, pos, [level[images] for level in self.high_res]
+        conditioned = self.tracker._prepare_memory_conditioned_features(
+            frame_idx=frame,
+            is_init_cond_frame=prompted,
+            current_vision_feats=feats,
+            current_vision_pos_embeds=[self.top_pos[images].flatten(2).permute(2, 0, 1)],
+            feat_sizes=[self.size],
+            output_dict=memory,
+            num_frames=clip,
+        )
+        return feats, conditioned, [level[images] for level in self.high_res]
 
 
 def _prompted_rounds(
@@ -176,16 +189,7 @@ def _prompted_rounds(
     memory: dict,
 ) -> tuple[list[dict[str, torch.Tensor]], dict]:
     """The interactive rounds on a prompted slice, and the slice's memory entry from the last round."""
-    feats, pos, high_res = frames.at(frame)
-    features = tracker._prepare_memory_conditioned_features(
-        frame_idx=frame,
-        is_init_cond_frame=True,
-        current_vision_feats=feats,
-        current_vision_pos_embeds=pos,
-        feat_sizes=[frames.size],
-        output_dict=memory,
-        num_frames=clip,
-    )
+    feats, features, high_res = frames.at(frame, clip, memory, prompted=True)
     target = low[pairs]
     reference = target.bool().cpu().numpy()
     size = tracker.image_size
@@ -224,16 +228,7 @@ def _tracked_slice(
     memory: dict,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """A slice predicted from memory alone, as the predictor's propagation does."""
-    feats, pos, high_res = frames.at(frame)
-    features = tracker._prepare_memory_conditioned_features(
-        frame_idx=frame,
-        is_init_cond_frame=False,
-        current_vision_feats=feats,
-        current_vision_pos_embeds=pos,
-        feat_sizes=[frames.size],
-        output_dict=memory,
-        num_frames=clip,
-    )
+    feats, features, high_res = frames.at(frame, clip, memory, prompted=False)
     outputs = tracker._forward_sam_heads(
         backbone_features=features,
         high_res_features=high_res,

@@ -63,6 +63,7 @@ class ModelService:
         if model_size not in BUILDERS:  # refused at start-up, not at the first request
             raise ValueError(f"--conf model_size must be one of {sorted(BUILDERS)}, got {model_size!r}")
         self.vocabulary: Vocabulary = parser.get_parsed_content("vocabulary")
+        self.base_checkpoint = str(parser.get_parsed_content("ckpt_path"))
         self.cache = EncodingCache(settings.cache_mb * 2**20)
         self._segmenter: VolumeSegmenter | None = None
         self._error: str | None = self._missing_weights()
@@ -82,11 +83,10 @@ class ModelService:
 
     def _missing_weights(self) -> str | None:
         """Why the model cannot be served, or None when its weights are in place."""
-        checkpoint = self._parser().get_parsed_content("ckpt_path")
-        if checkpoint == RANDOM_WEIGHTS or Path(checkpoint).is_file():
+        if self.base_checkpoint == RANDOM_WEIGHTS or Path(self.base_checkpoint).is_file():
             return None
         return (
-            f"weights not found at {checkpoint}: put the Medical SAM3 checkpoint there "
+            f"weights not found at {self.base_checkpoint}: put the Medical SAM3 checkpoint there "
             "(see bundle/docs/README.md) or start with --conf ckpt_path <file>"
         )
 
@@ -153,8 +153,7 @@ class ModelService:
     def _install(self, segmenter: VolumeSegmenter, fine_tuned: str | None) -> None:
         self.cache.clear()  # encodings of the previous weights
         self._segmenter = segmenter
-        base = self._parser().get_parsed_content("ckpt_path")
-        self.weights = {"base": base, "fine_tuned": fine_tuned, "loaded": time.strftime("%c")}
+        self.weights = {"base": self.base_checkpoint, "fine_tuned": fine_tuned, "loaded": time.strftime("%c")}
         logger.info("Medical SAM3 weights: %s", self.weights)
 
     @property
