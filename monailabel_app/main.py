@@ -12,16 +12,22 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from fastapi import HTTPException
 from lib.activelearning.uncertainty import Uncertainty, UncertaintyScoring
+from lib.datastore import SafeSessions, open_datastore, open_sessions
 from lib.errors import install_error_handlers
 from lib.infers.auto_segmentation import AutoSegmentation
 from lib.infers.interactive import InteractiveSegmentation
 from lib.infers.vista3d_prompts import Vista3dPrompts
 from lib.model_service import ModelService, warm_up_io
 from lib.published_weights import PublishedWeights
+from lib.request_guard import install_request_guards
+from lib.security import install_security
 from lib.settings import AppSettings, names
 from lib.trainers.fine_tuning import FineTuning
+from lib.trainers.run_guard import mark_server_process
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
@@ -39,6 +45,11 @@ class Medsam3App(MONAILabelApp):
         self.model_dir = Path(self.settings.model_dir or Path(app_dir) / "model")
         self.service = ModelService(self.settings, PublishedWeights(self.model_dir))
         self.label_names = self.service.offered_labels(names(self.settings.labels))
+        if len(self.label_names) > self.settings.max_prompts:  # Auto without labels asks for every offered one
+            raise ValueError(
+                f"--conf max_prompts {self.settings.max_prompts} is below the {len(self.label_names)} labels offered: "
+                "raise it, or offer fewer with --conf labels"
+            )
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -49,6 +60,17 @@ class Medsam3App(MONAILabelApp):
             labels=list(self.label_names),  # OHIF expects a list here; the tasks carry {name: value}
         )
 
+    def init_datastore(self) -> Datastore:
+        """The studies folder with crash-safe writes and client names kept inside it (:mod:`lib.datastore`);
+        a DICOMweb or other remote datastore as MONAI Label has it."""
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return open_datastore(self.studies, protected=(self.app_dir, self.settings.bundle))
+
+    def _load_sessions(self, load: bool = False) -> SafeSessions | None:
+        """MONAI Label's sessions, refusing archives that would unpack outside their folder."""
+        return open_sessions() if load else None
+
     def init_infers(self) -> dict[str, Any]:
         return {
             "medsam3_auto": AutoSegmentation(self.service, self.label_names),
@@ -58,6 +80,13 @@ class Medsam3App(MONAILabelApp):
 
     def init_trainers(self) -> dict[str, TrainTask]:
         return {"medsam3": FineTuning(self.settings, self.label_names, self.model_dir)}
+
+    def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
+        """An unknown strategy is the client's mistake: 404 with the ones there are (MONAI Label says 500)."""
+        strategy = request.get("strategy") or "random"
+        if strategy not in self._strategies:
+            raise HTTPException(404, f"No active learning strategy {strategy!r}; there are {sorted(self._strategies)}")
+        return super().next_sample(request)
 
     def init_strategies(self) -> dict[str, Strategy]:
         return {"random": Random(), "first": First(), "uncertainty": Uncertainty()}
@@ -72,7 +101,10 @@ class Medsam3App(MONAILabelApp):
 
     def on_init_complete(self) -> None:
         """The server (not MONAI Label's training subprocess) loads the model at start-up."""
+        mark_server_process()  # the training runs it starts die with it
         install_error_handlers()
+        install_request_guards(self.settings)
+        install_security(self.settings, self.datastore())
         self.service.load()
         warm_up_io()
         super().on_init_complete()

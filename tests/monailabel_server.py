@@ -45,6 +45,12 @@ def start_server(root: Path, *conf: str) -> Iterator[tuple[str, Path]]:
 
 def launch_server(root: Path, folder: Path, port: int, *conf: str) -> Iterator[str]:
     """Yield the URL of a server over the studies ``folder`` (logging to ``root/server.log``); stop it afterwards."""
+    for url, _ in server_process(root, folder, port, *conf):
+        yield url
+
+
+def server_process(root: Path, folder: Path, port: int, *conf: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """:func:`launch_server`, also yielding the server's process (for tests that kill it)."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     args = ["start_server", "--app", str(REPO / "monailabel_app"), "--studies", str(folder)]
     args += ["--host", "127.0.0.1", "--port", str(port), *conf]
@@ -59,13 +65,13 @@ def launch_server(root: Path, folder: Path, port: int, *conf: str) -> Iterator[s
             if process.poll() is not None:
                 raise RuntimeError(f"server exited: {(root / 'server.log').read_text()[-3000:]}")
             try:
-                if requests.get(f"{url}/info/", timeout=5).status_code == 200:
+                if requests.get(f"{url}/info/", timeout=5).status_code in (200, 401):  # 401: up, with auth_users
                     break
             except requests.ConnectionError:
                 time.sleep(1)
         else:
             raise RuntimeError("server did not start in time")
-        yield url
+        yield url, process
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -1,7 +1,11 @@
-"""The app's fine-tuning pieces without a server: trainer options, Slicer label names, publishing and hot reload."""
+"""The app's fine-tuning pieces without a server: trainer options, Slicer label names, publishing and hot reload,
+the publish gate, run folders and the statistics of runs that stopped."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,14 +19,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "monailabel_app"))
 from lib.model_service import ModelService  # noqa: E402
 from lib.published_weights import ADAPTER_FILE, FULL_FILE, PublishedWeights  # noqa: E402
 from lib.settings import AppSettings  # noqa: E402
-from lib.trainers.fine_tuning import FineTuning, _split  # noqa: E402
+from lib.trainers.fine_tuning import STATS_FILE, FineTuning, _split  # noqa: E402
+from lib.trainers.publish_gate import publish_decision  # noqa: E402
+from lib.trainers.run_guard import process_identity, prune_runs  # noqa: E402
 
 from scripts.adapters import adaptation_state_dict, configure_adaptation  # noqa: E402
 from scripts.checkpoint import save_checkpoint  # noqa: E402
 from scripts.phantom import write_phantom  # noqa: E402
 from scripts.prompts import PromptSet  # noqa: E402
 
-SETTINGS = AppSettings.from_conf({"model_size": "tiny", "checkpoint": "random", "device": "cpu"})
+CONF = {"model_size": "tiny", "checkpoint": "random", "device": "cpu"}
+SETTINGS = AppSettings.from_conf(CONF)
 LABELS = {"liver": 1, "spleen": 2}
 
 
@@ -49,6 +56,10 @@ def test_trainer_options_are_checked(tmp_path) -> None:
         trainer._options({"max_steps": "many"})
     with pytest.raises(ValueError, match="max_steps and batch_size must be >= 1"):
         trainer._options({"max_steps": 0})
+    with pytest.raises(ValueError, match="max_steps expects a int, got inf"):
+        trainer._options({"max_steps": float("inf")})
+    with pytest.raises(ValueError, match="lr_backbone must be a finite number, got nan"):
+        trainer._options({"lr_backbone": "NaN"})
 
 
 def test_trainer_reads_slicer_label_names(tmp_path) -> None:
@@ -59,19 +70,24 @@ def test_trainer_reads_slicer_label_names(tmp_path) -> None:
     trainer = FineTuning(SETTINGS, LABELS, tmp_path / "model")
     with pytest.raises(ValueError, match="No submitted labels to train on"):
         trainer._items(datastore)
-    for name in ("a", "b", "c", "d"):
+    for name in ("a", "b", "c", "d", "e"):
         image, label = write_phantom(tmp_path / "phantoms", name, shape=(16, 16, 4))
         datastore.add_image(name, str(image), {})
         info = {"a": {"label_info": [{"name": "spleen", "idx": 2}, {"name": "Background"}, {"name": "aorta"}]}}
         info["c"] = {"label_info": [{"name": "Segment_1"}, {"name": "liver"}]}
         info["d"] = {"label_info": ["liver"]}  # not Slicer's format: skipped with a warning, training goes on
+        if name == "e":  # a save cut short: the file is there but unreadable
+            label.write_bytes(label.read_bytes()[:100])
         datastore.save_label(name, str(label), "final", info.get(name, {}))
-    items = {Path(item["image"]).name: item for item in trainer._items(datastore)}
+    found, skipped = trainer._items(datastore)
+    items = {Path(item["image"]).name: item for item in found}
     assert items["a.nii.gz"]["labels"] == {"1": "spleen", "3": "aorta"}
     assert items["b.nii.gz"]["labels"] == {"1": "liver", "2": "spleen"}
     assert items["c.nii.gz"]["labels"] == {"2": "liver"}  # Slicer's default segment name is not a structure
-    assert "d.nii.gz" not in items
+    assert "d.nii.gz" not in items and "e.nii.gz" not in items
     assert Path(items["b.nii.gz"]["label"]).is_file()
+    reasons = {entry["image"]: entry["reason"] for entry in skipped}
+    assert sorted(reasons) == ["d", "e"] and "label_info" in reasons["d"] and "Cannot read image" in reasons["e"]
 
 
 def test_validation_split() -> None:
@@ -146,3 +162,58 @@ def test_trainer_continues_only_from_a_fitting_adapter(tmp_path) -> None:
     assert trainer._starting_adapter(trainer._options({"mode": "lora", "continue_from_published": False})) == ""
     published.write_bytes(b"broken")
     assert trainer._starting_adapter(options) == ""  # unreadable: start from the base, with a warning
+
+
+def test_publish_gate_decides_on_the_dice_values() -> None:
+    published, why = publish_decision(0.61, 0.60, 2)
+    assert published and why == "published: validation Dice 0.6100 >= the served weights' 0.6000 on 2 images"
+    assert publish_decision(0.60, 0.60, 2)[0]  # not worse is enough
+    refused, why = publish_decision(0.40, 0.60, 2)
+    assert not refused and "0.4000 < the served weights' 0.6000 on the same 2 images" in why and "force_publish" in why
+    forced, why = publish_decision(0.40, 0.60, 2, force=True)
+    assert forced and "force_publish" in why
+    assert publish_decision(None, None, 0)[0] and "no validation images" in publish_decision(None, None, 0)[1]
+    assert publish_decision(0.4, None, 1)[0]  # served weights that cannot be scored cannot be served either
+
+
+def test_old_runs_are_pruned_and_stale_temp_files_removed(tmp_path) -> None:
+    train = tmp_path / "model" / "train"
+    names = ["20240101_000000", "20240102_000000", "20240102_000000_2", "20240103_000000"]
+    for name in (*names, "notes"):
+        (train / name).mkdir(parents=True)
+    assert [d.name for d in prune_runs(train, 0)] == []  # 0 keeps all
+    assert [d.name for d in prune_runs(train, 2)] == names[:2]
+    assert sorted(d.name for d in train.iterdir()) == [*names[2:], "notes"]  # not a run folder: left alone
+    (train / names[3] / "model_final.pt.tmp").write_bytes(b"half")
+    (tmp_path / "model" / f"{ADAPTER_FILE}.12345.partial").write_bytes(b"half")
+    trainer = FineTuning(AppSettings.from_conf({**CONF, "keep_runs": "2"}), LABELS, tmp_path / "model")
+    first, second = trainer._new_run_dir(), trainer._new_run_dir()  # the same second: distinct folders
+    assert first != second and first.is_dir() and second.is_dir()
+    assert sorted(d.name for d in train.iterdir()) == sorted([first.name, second.name, "notes"])
+    assert not list((tmp_path / "model").rglob("*.tmp")) and not list((tmp_path / "model").rglob("*.partial"))
+    with pytest.raises(ValueError, match="keep_runs must be >= 0"):
+        AppSettings.from_conf({**CONF, "keep_runs": "-1"})
+
+
+def test_stats_say_a_killed_run_stopped(tmp_path) -> None:
+    model_dir, run_dir = tmp_path / "model", tmp_path / "model" / "train" / "20240101_000000"
+    run_dir.mkdir(parents=True)
+    trainer = FineTuning(SETTINGS, LABELS, model_dir)
+    pid, started = process_identity()
+    running = {"status": "running", "epoch": 3, "run_dir": str(run_dir), "pid": pid, "process_started": started}
+    trainer._write_stats(running)
+    assert trainer.stats() == running  # this process runs: still running
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a run killed mid-way: its pid is gone
+    (model_dir / STATS_FILE).write_text(json.dumps({**running, "pid": child.pid}))
+    (run_dir / "train_state.pt.tmp").write_bytes(b"half")
+    (model_dir / f"{ADAPTER_FILE}.{child.pid}.partial").write_bytes(b"half")
+    live = model_dir / f"{ADAPTER_FILE}.{os.getpid()}.partial"  # another process writing now: kept
+    live.write_bytes(b"half")
+    stats = trainer.stats()
+    assert stats["status"] == "stopped" and "ended before finishing" in stats["stopped_reason"]
+    assert stats["epoch"] == 3 and stats["published"] is None
+    assert not list(run_dir.glob("*.tmp")) and [p.name for p in model_dir.glob("*.partial")] == [live.name]
+    finished = {**running, "pid": child.pid, "status": "finished"}
+    (model_dir / STATS_FILE).write_text(json.dumps(finished))
+    assert trainer.stats() == finished

@@ -15,8 +15,8 @@ from scripts.model_builder import build_medsam3
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "bundle" / "scripts"
 FLOORS = {
-    1: {"clicks", "prompts", "image_io", "intensity", "metrics", "adapters", "losses", "model_sizes", "timing"},
-    2: {"cpu_compat", "click_training", "checkpoint", "vocabulary", "orientation", "phantom"},
+    1: {"clicks", "prompts", "image_io", "intensity", "metrics", "adapters", "losses", "model_sizes", "cancellation"},
+    2: {"timing", "cpu_compat", "click_training", "checkpoint", "vocabulary", "orientation", "phantom"},
     3: {"network", "label_numbering", "slices", "phantom_dataset"},
     4: {"model_builder", "predictor", "training_data"},
     5: {"encoding_cache"},

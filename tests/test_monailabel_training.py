@@ -43,6 +43,18 @@ def _wait(url: str, timeout: float = 600) -> dict:
     raise AssertionError(f"training did not finish in {timeout} s")
 
 
+def wait_for_training_steps(url: str, timeout: float) -> None:
+    """Until the running training task has logged its first steps."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        task = requests.get(f"{url}/train/", timeout=30).json()
+        if any("train_loss" in line for line in task.get("details", [])):
+            return
+        assert task.get("status") in ("SUBMITTED", "RUNNING"), task
+        time.sleep(1)
+    raise AssertionError(f"training logged no step in {timeout} s")
+
+
 def _submit_slicer_label(client: MONAILabelClient, root: Path, image_id: str, tmp_path: Path) -> None:
     """Slicer numbers the submitted segments 1..N in the order of label_info: spleen first here."""
     phantom = read_image(root / "phantoms" / f"{image_id}_label.nii.gz")
@@ -86,6 +98,7 @@ def test_train_publishes_weights_the_server_then_serves(server, client, tmp_path
     stats = client.info()["train_stats"]["medsam3"]
     assert stats["mode"] == "adapter3d" and stats["training_images"] == 2 and stats["published"] == str(published)
     assert stats["epoch"] == stats["total_epochs"] == 4 and stats["best_metric"] == 0.0  # Slicer's progress bar keys
+    assert stats["status"] == "finished" and "no validation images" in stats["publish_decision"]
     assert (Path(stats["run_dir"]) / "overrides.json").is_file()
     after, second = _scores(client)  # no restart: the next request loads the published adapter
     assert second["weights"]["fine_tuned"] == str(published) and second["encoding_cache"] == "miss"
@@ -100,15 +113,14 @@ def test_stopping_training_keeps_the_served_weights(server, client) -> None:
     stamp = published.stat().st_mtime_ns if published.exists() else None
     before, _ = _scores(client)
     client.train_start("medsam3", {"max_steps": 100000, "click_rounds": 1})
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        task = requests.get(f"{url}/train/", timeout=30).json()
-        if any("train_loss" in line for line in task.get("details", [])):
-            break
-        assert task.get("status") in ("SUBMITTED", "RUNNING"), task
-        time.sleep(1)
+    wait_for_training_steps(url, timeout=300)
     stopped = client.train_stop()
     assert stopped["status"] == "STOPPED"
+    deadline = time.time() + 10  # the killed process may take a moment to go
+    while (stats := client.info()["train_stats"]["medsam3"])["status"] == "running" and time.time() < deadline:
+        time.sleep(0.5)
+    assert stats["status"] == "stopped" and "ended before finishing" in stats["stopped_reason"], stats
+    assert not list(Path(stats["run_dir"]).glob("*.tmp"))
     assert (published.stat().st_mtime_ns if published.exists() else None) == stamp
     after, result = _scores(client)
     assert after == before and result["encoding_cache"] == "hit"

@@ -387,3 +387,34 @@ def _clips(depth: int, length: int) -> list[torch.Tensor]:
     """Every clip of ``length`` consecutive slices up or down a volume of ``depth`` (clamped at its ends)."""
     steps = torch.arange(length)
     return [(start + sign * steps).clamp(0, depth - 1) for start in range(depth) for sign in (1, -1)]
+
+
+@pytest.mark.parametrize(("annotated", "clicked_pairs"), [([1.0, 1.0], [0, 1]), ([0.0, 1.0], [0])])
+def test_clicks_train_on_every_annotated_structure(annotated: list[float], clicked_pairs: list[int]) -> None:
+    """A bone-window sample trains the vertebrae's text prompt only, but its clicks go to every structure the item
+    annotates: one structure per slice would teach the tracker to ignore where the click is."""
+    from types import SimpleNamespace
+
+    from scripts.click_training import ClickSimulation
+    from scripts.training import PromptStep
+
+    model = tiny_model()
+    size = model.image_size
+    target = torch.zeros(1, 1, 2, size, size)
+    target[0, 0, 0, 20:100, 20:100] = 1  # liver (another preset: not a text prompt of this sample)
+    target[0, 0, 1, 140:200, 140:200] = 1  # vertebrae
+    batch = {
+        "image": torch.rand(1, 1, 3, size, size) * 2 - 1,
+        "target": target,
+        "valid": torch.tensor([[0.0, 1.0]]),
+        "annotated": torch.tensor([annotated]),
+    }
+    outputs: dict = {}
+    model.register_forward_hook(lambda module, args, out: outputs.update(out))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    engine = SimpleNamespace(
+        network=model, state=SimpleNamespace(device=torch.device("cpu"), metrics={}), optimizer=optimizer
+    )
+    simulation = ClickSimulation(rounds=1, box_probability=0.0, text_probability=0.0, second_prompt_probability=0.0)
+    PromptStep(["liver", "vertebrae"], clicks=simulation, amp=False)(engine, batch)
+    assert outputs["click_rounds"][0]["pairs"].tolist() == clicked_pairs

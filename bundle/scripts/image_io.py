@@ -109,20 +109,24 @@ def _suffix(path: Path) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
 
 
-def read_image(path: str | Path) -> ImageVolume:
-    """Read a volume, a DICOM series folder or a 2D picture; any problem raises ``ValueError`` naming the file."""
+def read_image(path: str | Path, max_voxels: int | None = None) -> ImageVolume:
+    """Read a volume, a DICOM series folder or a 2D picture; any problem raises ``ValueError`` naming the file.
+
+    ``max_voxels`` refuses larger images from their header, before any voxel is decompressed (a server's guard
+    against a small file that claims a huge grid).
+    """
     path = Path(path)
     if not path.exists():
         raise ValueError(f"Image not found: {path}")
     suffix = _suffix(path)
     if path.is_dir():
-        volume = _read_dicom_series(path)
+        volume = _read_dicom_series(path, max_voxels)
     elif suffix in NIFTI_SUFFIXES:
-        volume = _read_nifti(path)
+        volume = _read_nifti(path, max_voxels)
     elif suffix in PICTURE_SUFFIXES:
-        volume = _read_picture(path)
+        volume = _read_picture(path, max_voxels)
     elif suffix in (*ITK_SUFFIXES, DICOM_SUFFIX):
-        volume = _read_itk(str(path), path)
+        volume = _read_itk(str(path), path, max_voxels)
     else:
         raise ValueError(
             f"Unsupported image format {suffix!r} for {path}: use NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), "
@@ -132,6 +136,16 @@ def read_image(path: str | Path) -> ImageVolume:
         raise ValueError(f"{path} has unsupported pixel type {volume.array.dtype}")
     logger.debug("Read %s: shape %s, spacing %s", path, volume.array.shape, volume.spacing)
     return volume
+
+
+def _check_voxels(shape: tuple[int, ...], path: Path, max_voxels: int | None) -> None:
+    """Refuse an image whose header claims more than ``max_voxels`` values (voxels times channels)."""
+    count = int(np.prod([int(s) for s in shape], dtype=np.float64))
+    if max_voxels is not None and count > max_voxels:
+        raise ValueError(
+            f"{path.name} claims {count:,} voxels ({' x '.join(str(int(s)) for s in shape)}), more than the "
+            f"limit of {max_voxels:,}"
+        )
 
 
 def _cannot_read(path: Path, error: BaseException) -> ValueError:
@@ -157,11 +171,12 @@ def _spatial_shape(shape: tuple[int, ...], path: Path) -> tuple[int, ...]:
     return spatial
 
 
-def _read_nifti(path: Path) -> ImageVolume:
+def _read_nifti(path: Path, max_voxels: int | None) -> ImageVolume:
     try:
         image = nib.load(path, mmap=False)
     except _READ_ERRORS as error:
         raise _cannot_read(path, error) from error
+    _check_voxels(image.shape, path, max_voxels)
     shape = _spatial_shape(image.shape, path)
     try:
         array = np.asanyarray(image.dataobj).reshape(shape)
@@ -177,7 +192,7 @@ def _read_nifti(path: Path) -> ImageVolume:
     return volume
 
 
-def _read_itk(source: str | list[str], path: Path) -> ImageVolume:
+def _read_itk(source: str | list[str], path: Path, max_voxels: int | None) -> ImageVolume:
     """NRRD, MetaImage, a DICOM file, or (``source`` a list of files) a DICOM series."""
     first = source[0] if isinstance(source, list) else source
     io = itk.ImageIOFactory.CreateImageIO(first, itk.CommonEnums.IOFileMode_ReadMode)
@@ -188,9 +203,11 @@ def _read_itk(source: str | list[str], path: Path) -> ImageVolume:
         io.ReadImageInformation()
     except _READ_ERRORS as error:
         raise _cannot_read(path, error) from error
+    dimensions = tuple(io.GetDimensions(axis) for axis in range(io.GetNumberOfDimensions()))
     if not isinstance(source, list):  # refuse 1D and 4D files before ITK looks for a wrapped image type
-        _spatial_shape(tuple(io.GetDimensions(axis) for axis in range(io.GetNumberOfDimensions())), path)
+        _spatial_shape(dimensions, path)
     components = io.GetNumberOfComponents()
+    _check_voxels((*dimensions, len(source) if isinstance(source, list) else 1, components), path, max_voxels)
     pixel = _ITK_PIXEL_TYPES.get(io.GetComponentTypeAsString(io.GetComponentType()), "D")
     try:
         image = itk.imread(source, pixel_type=getattr(itk, pixel)) if components == 1 else itk.imread(source)
@@ -216,7 +233,7 @@ def _volume_from_itk(image: itk.Image, components: int, is_dicom: bool, path: Pa
     return ImageVolume(np.ascontiguousarray(array.transpose(2, 1, 0)), spacing, origin, direction, path)
 
 
-def _read_dicom_series(folder: Path) -> ImageVolume:
+def _read_dicom_series(folder: Path, max_voxels: int | None) -> ImageVolume:
     if not any(p.is_file() for p in folder.iterdir()):
         raise ValueError(f"DICOM folder {folder} is empty")
     names = itk.GDCMSeriesFileNames.New(Directory=str(folder))
@@ -229,12 +246,13 @@ def _read_dicom_series(folder: Path) -> ImageVolume:
         logger.warning(
             "%s holds %d DICOM series; reading the largest, %s (%d files)", folder, len(series), chosen, len(files)
         )
-    return _read_itk(files, folder)
+    return _read_itk(files, folder, max_voxels)
 
 
-def _read_picture(path: Path) -> ImageVolume:
+def _read_picture(path: Path, max_voxels: int | None) -> ImageVolume:
     try:
         with Image.open(path) as picture:
+            _check_voxels((*picture.size, len(picture.getbands())), path, max_voxels)
             picture.load()
             if picture.mode in ("L", "F", "I") or picture.mode.startswith("I;16"):
                 array = np.asarray(picture)

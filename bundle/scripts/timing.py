@@ -1,4 +1,7 @@
-"""Per-stage wall-clock timing, reported by inference responses and benchmarks."""
+"""Per-stage wall-clock timing, reported by inference responses and benchmarks.
+
+Every stage's start is also where cancelled work stops (:mod:`scripts.cancellation`).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ from collections import defaultdict
 from collections.abc import Iterator
 
 import torch
+
+from .cancellation import raise_if_cancelled
 
 
 class StageTimer:
@@ -19,6 +24,7 @@ class StageTimer:
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        raise_if_cancelled()
         self._sync()
         start = time.perf_counter()
         try:

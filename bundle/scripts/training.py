@@ -50,6 +50,7 @@ __all__ = [
     "prepare_network",
     "trained_state_dict",
     "unwrap",
+    "validation_dice",
 ]
 
 logger = logging.getLogger(__name__)
@@ -87,18 +88,21 @@ class PromptStep:
         device = engine.state.device
         model.train()
         images = batch["image"].to(device)  # B x clip x 3 x S x S
-        # Prompts no item of the batch trains (another intensity preset, not annotated) are left out of the forward.
-        used = batch["valid"].bool().any(dim=0).nonzero().flatten().tolist()
+        # A tracker loaded without weights (detector-only checkpoint) is not trained from scratch here.
+        clicks = self.clicks if unwrap(model).interactive else None
+        # Text prompts train on the sample's intensity preset only (``valid``); clicks on every structure the item
+        # annotates: the tracker is class-agnostic (the click, not a name, says which structure), and a slice with
+        # several structures to click is what teaches it to follow the click rather than segment the likeliest one.
+        trained = batch["valid"] if clicks is None else torch.maximum(batch["valid"], batch["annotated"])
+        used = trained.bool().any(dim=0).nonzero().flatten().tolist()  # the rest are left out of the forward
         prompts = [self.prompts[p] for p in used]
         targets = batch["target"][:, :, used].to(device)  # B x clip x P x S x S
         slices = images.flatten(0, 1)
         # query n = prompt p on slice i, n = p * num + i (the order the detector indexes text and image ids)
         target = targets.flatten(0, 1).transpose(0, 1).flatten(0, 1)
-        valid = batch["valid"][:, used].to(device)[:, None].expand(-1, images.shape[1], -1)  # B x clip x P
-        valid = valid.flatten(0, 1).transpose(0, 1).flatten(0, 1)
-        # A tracker loaded without weights (detector-only checkpoint) is not trained from scratch here.
-        clicks = self.clicks if unwrap(model).interactive else None
-        click_targets = target * valid[:, None, None]  # pairs the sample does not annotate: empty, never clicked
+        valid = _per_query(batch["valid"][:, used].to(device), images.shape[1])
+        annotated = _per_query(batch["annotated"][:, used].to(device), images.shape[1])
+        click_targets = target * annotated[:, None, None]  # pairs the item does not annotate: empty, never clicked
         with device_fallbacks(device), precision(device, self.amp):
             if clicks is None:
                 outputs = model(slices, prompts)  # through forward, so DDP synchronises gradients
@@ -117,6 +121,11 @@ class PromptStep:
         engine.state.metrics.update({f"loss_{k}": float(v.detach()) for k, v in terms.items() if k != "loss"})
         # One "decollated" item with the batch loss, as MONAI handlers read it: from_engine(["loss"], first=True)
         return [{CommonKeys.LOSS: terms["loss"].detach()}]
+
+
+def _per_query(flags: torch.Tensor, clip: int) -> torch.Tensor:
+    """B x P per-sample flags as one flag per query n = p * (B * clip) + i."""
+    return flags[:, None].expand(-1, clip, -1).flatten(0, 1).transpose(0, 1).flatten(0, 1)
 
 
 def param_groups(
@@ -353,18 +362,8 @@ class TextPromptValidation:
         if not _is_main_process():
             return self.best
         model = unwrap(engine.network)
-        segmenter = VolumeSegmenter(Medsam3Predictor(model, score_threshold=self.score_threshold), self.vocabulary)
-        scores = []
-        for item in self.items:
-            values: dict[str, list[int]] = {}
-            for value, name in item_labels(item, self.labels).items():
-                values.setdefault(name, []).append(value)
-            result = segmenter.segment(read_image(item["image"]), PromptSet.create(texts=list(values)))
-            reference = read_image(item["label"]).array
-            for name_values, row in zip(values.values(), result.labels, strict=True):
-                scores.append(dice(result.label == row["index"], np.isin(reference, name_values)))
+        mean = validation_dice(model, self.items, self.labels, self.vocabulary, self.score_threshold)
         model.train()
-        mean = float(sum(scores) / len(scores))
         self.history.append((engine.state.iteration, mean))
         engine.state.metrics["val_mean_dice"] = mean
         logger.info("Validation mean Dice %.4f at iteration %d (best %.4f)", mean, engine.state.iteration, self.best)
@@ -372,6 +371,28 @@ class TextPromptValidation:
             self.best = mean
             TrainableCheckpoint(str(self.best_path.parent), self.mode, name=self.best_path.name)._save(engine)
         return mean
+
+
+def validation_dice(
+    model: MedSam3,
+    items: Sequence[dict[str, Any]],
+    labels: dict[int, str],
+    vocabulary: Any,
+    score_threshold: float = 0.5,
+) -> float:
+    """Mean text-prompt Dice over every named label of ``items``, through the bundle's inference path: what
+    :class:`TextPromptValidation` scores, so other weights (the served ones) can be scored on the same footing."""
+    segmenter = VolumeSegmenter(Medsam3Predictor(model, score_threshold=score_threshold), vocabulary)
+    scores = []
+    for item in items:
+        values: dict[str, list[int]] = {}
+        for value, name in item_labels(item, labels).items():
+            values.setdefault(name, []).append(value)
+        result = segmenter.segment(read_image(item["image"]), PromptSet.create(texts=list(values)))
+        reference = read_image(item["label"]).array
+        for name_values, row in zip(values.values(), result.labels, strict=True):
+            scores.append(dice(result.label == row["index"], np.isin(reference, name_values)))
+    return float(sum(scores) / len(scores))
 
 
 def unwrap(network: torch.nn.Module) -> MedSam3:

@@ -49,8 +49,10 @@ def label_prompts(labels: dict[int, str], vocabulary: Vocabulary) -> list[str]:
 class SlicePromptDataset(Dataset):
     """``num_samples`` random clips from ``items`` (``{"image": path, "label": path}``), for ``labels``.
 
-    Returns dicts with ``image`` (clip x 3 x S x S in [-1, 1]), ``target`` (clip x P x S x S, 0/1) and ``valid``
-    (P, 0/1: whether the sample trains that label), P the number of label names, in the order of ``labels``.
+    Returns dicts with ``image`` (clip x 3 x S x S in [-1, 1]), ``target`` (clip x P x S x S, 0/1), ``valid``
+    (P, 0/1: whether the sample trains that label's text prompt) and ``annotated`` (P, 0/1: whether the item
+    annotates the label, so its target is true, whatever the preset: the clicks train on it), P the number of label
+    names, in the order of ``labels``.
 
     Each sample is prepared with one intensity preset (:func:`scripts.slices.preset_for`, as inference prepares a
     label's slices), drawn among the presets of the item's labels; labels with another preset are not valid for
@@ -165,7 +167,8 @@ class SlicePromptDataset(Dataset):
         image = F.interpolate(image.float(), size=size, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
         target = F.interpolate(target, size=size, mode="nearest")
         valid = torch.tensor([g == group for g in volume.group_of], dtype=torch.float32)
-        return {"image": (image - 0.5) / 0.5, "target": target, "valid": valid}
+        annotated = torch.tensor([g is not None for g in volume.group_of], dtype=torch.float32)
+        return {"image": (image - 0.5) / 0.5, "target": target, "valid": valid, "annotated": annotated}
 
 
 class _Volume(NamedTuple):

@@ -42,6 +42,7 @@ T = TypeVar("T")
 
 RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
 IMAGES_KEPT = 4  # images kept in memory after reading (keyed by path and modification time)
+IMAGE_BYTES_KEPT = 2**30  # ... and at most this many bytes of them
 
 
 class ModelNotReady(RuntimeError):
@@ -183,12 +184,24 @@ class ModelService:
             if volume is not None:
                 self._images.move_to_end(key)
                 return volume
-        volume = read_image(image_path)
+        volume = read_image(image_path, max_voxels=self.settings.max_voxels)
         with self._lock:
             self._images[key] = volume
-            while len(self._images) > IMAGES_KEPT:
+            while len(self._images) > IMAGES_KEPT or sum(v.array.nbytes for v in self._images.values()) > (
+                IMAGE_BYTES_KEPT
+            ):
                 self._images.popitem(last=False)
         return volume
+
+    def check_limits(self, prompts: PromptSet) -> None:
+        """Refuse requests bigger than the site allows (``--conf max_prompts``, ``max_points``) before any work."""
+        for what, count, option in (
+            ("text prompts", len(prompts.texts), "max_prompts"),
+            ("clicks", len(prompts.points), "max_points"),
+        ):
+            limit = getattr(self.settings, option)
+            if count > limit:
+                raise ValueError(f"{count} {what} in one request; this server takes at most {limit} (--conf {option})")
 
     def run(self, work: Callable[[VolumeSegmenter], T]) -> T:
         """Run ``work`` with the segmenter, holding the model lock (scoring, background jobs)."""
@@ -202,6 +215,7 @@ class ModelService:
         """Segment a datastore image; returns the image, the result and a summary with per-stage timings."""
         if not self.ready:
             raise ModelNotReady(f"Medical SAM3 is {self.status}")
+        self.check_limits(prompts)
         start = time.perf_counter()
         volume = self._read(image_path)
         read_s = time.perf_counter() - start

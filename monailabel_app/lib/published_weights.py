@@ -50,13 +50,20 @@ class PublishedWeights:
         return tuple(sorted(stamps)), *((newest, None) if newest.endswith(ADAPTER_FILE) else (None, newest))
 
     def publish(self, source: str | Path, mode: str) -> Path:
-        """Copy a training run's weights into place without a moment where a reader sees a partial file."""
+        """Copy a training run's weights into place without a moment where a reader sees a partial file, or no file:
+        the other kind goes only once the new file (the newest, so the one served) is in place."""
         name, other = (FULL_FILE, ADAPTER_FILE) if mode == "full" else (ADAPTER_FILE, FULL_FILE)
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / other).unlink(missing_ok=True)
         target = self.folder / name
-        partial = target.with_suffix(".partial")
+        partial = temp_name(target)
         shutil.copyfile(source, partial)
         os.replace(partial, target)
+        (self.folder / other).unlink(missing_ok=True)
         logger.info("Published %s weights: %s", mode, target)
         return target
+
+
+def temp_name(path: Path) -> Path:
+    """Where to write ``path`` before renaming it into place: named after this process, so what a killed writer left
+    can be told from what a live one is writing (:func:`lib.trainers.run_guard.remove_temp_files`)."""
+    return path.with_name(f"{path.name}.{os.getpid()}.partial")

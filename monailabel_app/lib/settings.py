@@ -20,6 +20,7 @@ from typing import Any
 from scripts.prompts import parse_flag
 
 from .bundle_path import BUNDLE_ROOT
+from .security import check_options
 
 ALIASES = {
     "checkpoint": "ckpt_path",
@@ -31,6 +32,7 @@ ALIASES = {
 PER_RUN_IDS = {"imports", "bundle_root", "image", "datalist", "prompts", "points", "point_labels", "boxes", "device"}
 PER_RUN_IDS |= {"output_dir", "output_ext", "initialize", "run", "network", "network_def", "predictor", "inferer"}
 PER_RUN_IDS |= {"vocabulary"}
+MINIMUM = {"cache_mb": 0, "max_prompts": 1, "max_points": 1, "max_voxels": 1, "max_upload_mb": 1}
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,16 @@ class AppSettings:
     labels: str = ""  # comma-separated names the tasks offer; empty = the whole vocabulary
     scoring_labels: str = ""  # comma-separated names the uncertainty scoring uses; empty = scoring off
     cache_mb: int = 4096  # image encodings kept for repeated clicks (least recently used first out)
+    max_prompts: int = 64  # text prompts (labels + free text) one request may ask for
+    max_points: int = 256  # clicks one request may carry
+    max_voxels: int = 1024**3  # voxels an image may claim (from its header, before decompressing)
+    max_upload_mb: int = 4096  # bytes of one request body (an uploaded image, label or session archive)
     model_dir: str = ""  # fine-tuning runs and published weights; empty = <app>/model, as MONAI Label apps do
+    keep_runs: int = 5  # fine-tuning run folders kept under <model_dir>/train (the newest); 0 = keep all
+    auth_users: str = ""  # users file (python -m monailabel_app.users); empty = no log-in (docs/security.md)
+    auth_secret_file: str = ""  # token signing key, created once; empty = <auth_users>.secret
+    auth_token_minutes: int = 480  # how long a log-in token stays valid
+    cors_origins: str = ""  # comma-separated web origins allowed to call the API; empty = same origin only
     overrides: dict[str, Any] = field(default_factory=dict)  # inference.json id -> value
 
     @classmethod
@@ -68,8 +79,12 @@ class AppSettings:
                 f"{bundle / 'configs' / 'inference.json'}: {sorted(serving)}"
             )
         settings = cls(**values, overrides=overrides)
-        if settings.cache_mb < 0:
-            raise ValueError(f"--conf cache_mb must be >= 0, got {settings.cache_mb}")
+        for name, lowest in MINIMUM.items():
+            if getattr(settings, name) < lowest:
+                raise ValueError(f"--conf {name} must be >= {lowest}, got {getattr(settings, name)}")
+        if settings.keep_runs < 0:
+            raise ValueError(f"--conf keep_runs must be >= 0, got {settings.keep_runs}")
+        check_options(settings)
         return settings
 
     @property

@@ -5,18 +5,22 @@ from __future__ import annotations
 import logging
 import time
 from abc import abstractmethod
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fastapi import HTTPException
+from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.utils.app import app_instance
 
+from scripts.cancellation import Cancelled
 from scripts.inference import SegmentationResult
 from scripts.label_numbering import renumber, to_client_values
 from scripts.prompts import PromptSet
 
+from ..datastore import readable_image
 from ..model_service import ModelNotReady, ModelService, write_result
+from ..safe_paths import check_name
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +72,11 @@ class Medsam3InferTask(InferTask):
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         start = time.perf_counter()
         image = str(request.get("image") or "")
-        if not image or not Path(image).exists():
+        app = app_instance()  # only a datastore, session or uploaded image: never any file the server can read
+        if not readable_image(image, app.datastore(), app.sessions()):
             raise HTTPException(status_code=404, detail="Image not found in the datastore (check the image id)")
+        if request.get("save_label"):  # refused before the model runs, not after
+            check_name(request.get("label_tag", DefaultLabelTag.ORIGINAL.value), "label_tag")
         try:
             prompts = self.prompts(request)
             volume, result, summary = self.service.segment(image, prompts)
@@ -81,6 +88,9 @@ class Medsam3InferTask(InferTask):
             )
         except ModelNotReady as error:
             raise HTTPException(status_code=503, detail=str(error)) from error
+        except Cancelled as error:
+            logger.info("Stopped a %s request: %s", self.type, error)
+            raise HTTPException(status_code=499, detail=str(error)) from error
         except (ValueError, FileNotFoundError) as error:
             logger.warning("Rejected %s request: %s", self.type, error)
             raise HTTPException(status_code=400, detail=str(error)) from error

@@ -32,6 +32,7 @@ class InteractiveSegmentation(Medsam3InferTask):
         )
 
     def prompts(self, request: dict[str, Any]) -> PromptSet:
+        roi_numbers(request)  # a bad roi is refused before the model runs
         foreground = as_list(request.get("foreground"), "foreground")
         background = as_list(request.get("background"), "background")
         texts = free_text(request)[:1]
@@ -48,18 +49,30 @@ class InteractiveSegmentation(Medsam3InferTask):
         """A 0/1 mask (Slicer puts voxels equal to 1 in the current segment), cut to the ``roi`` box if given."""
         mask = (result.label > 0).astype(np.uint8)
         if request.get("roi"):
-            mask *= roi_mask(as_list(request["roi"], "roi"), mask.shape)
+            mask *= roi_mask(roi_numbers(request), mask.shape)
         return mask, {str(request.get("label") or "object"): 1}
 
 
-def roi_mask(roi: list, shape: tuple[int, ...]) -> np.ndarray:
+def roi_numbers(request: dict[str, Any]) -> list[float]:
+    """Slicer's ``roi`` as finite numbers ([] when absent)."""
+    roi = as_list(request.get("roi"), "roi")
+    try:
+        numbers = [float(v) for v in roi]
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"roi must be numbers [i0, i1, j0, j1, k0, k1], got {roi!r:.200}") from error
+    if not all(np.isfinite(numbers)):
+        raise ValueError(f"roi must be finite numbers, got {roi!r:.200}")
+    return numbers
+
+
+def roi_mask(roi: list[float], shape: tuple[int, ...]) -> np.ndarray:
     """Slicer's ROI ``[i_a, i_b, j_a, j_b, k_a, k_b]`` (each pair in either order) as a mask of ``shape``."""
     if len(roi) != 2 * len(shape):
         raise ValueError(f"roi must have {2 * len(shape)} numbers [i0, i1, j0, j1, k0, k1], got {roi}")
     inside = np.zeros(shape, dtype=np.uint8)
     bounds = []
     for axis, size in enumerate(shape):
-        low, high = sorted(int(round(float(v))) for v in roi[2 * axis : 2 * axis + 2])
+        low, high = sorted(round(v) for v in roi[2 * axis : 2 * axis + 2])
         if high < 0 or low >= size:
             raise ValueError(f"roi {roi} lies outside the image (shape {shape})")
         bounds.append(slice(max(low, 0), min(high, size - 1) + 1))

@@ -4,16 +4,20 @@
 subprocess whose output lines ``GET /train/`` reports, and which ``DELETE /train/`` kills). There this task
 collects the images with a ``final`` label, writes a datalist in which every item carries its own label names
 (Slicer numbers the submitted segments 1..N in the order of its ``label_info``), runs ``bundle/configs/train.json``
-on it and, only when the run finishes, publishes the weights (:class:`lib.published_weights.PublishedWeights`). The
-serving model loads them before its next request.
+on it and, only when the run finishes and scores at least as well as the served weights on its validation images
+(:mod:`.publish_gate`), publishes the weights (:class:`lib.published_weights.PublishedWeights`). The serving model
+loads them before its next request. A run follows the server that started it and dies with it; a run that died or
+was stopped shows as ``stopped`` in ``train_stats`` (:mod:`.run_guard`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,18 +33,29 @@ from scripts.image_io import read_image
 from scripts.prompts import parse_flag
 
 from ..bundle_path import REPO_ROOT
-from ..published_weights import PublishedWeights
+from ..published_weights import PublishedWeights, temp_name
 from ..settings import AppSettings
+from .publish_gate import publish_decision, served_dice
+from .run_guard import (
+    RUN_NAME,
+    check_server,
+    follow_server,
+    process_identity,
+    prune_runs,
+    remove_temp_files,
+    run_alive,
+)
 
 logger = logging.getLogger(__name__)
 
 MODES = ("adapter3d", "lora", "full")
 # Options a request may set: train.json ids (defaults from train.json + the app's preset) and the app's own.
 TRAIN_OPTIONS = ("mode", "max_steps", "batch_size", "lr_backbone", "lr_decoder", "click_rounds", "train_heads")
-APP_OPTIONS = {"validation_fraction": 0.2, "continue_from_published": True}
+APP_OPTIONS = {"validation_fraction": 0.2, "continue_from_published": True, "force_publish": False}
 APP_PRESET = REPO_ROOT / "configs" / "app_training.json"  # the app's on-site defaults over train.json
 PASSED_BY_MONAI_LABEL = {"model", "gpus", "local_rank", "client_id", "bundle_path"}
 STATS_FILE = "train_stats.json"
+STOPPED_UNFINISHED = "the training process ended before finishing (DELETE /train/, killed, or its server stopped)"
 IGNORED_NAMES = {"background", ""}
 SLICER_DEFAULT_NAME = re.compile(r"Segment_\d+")  # a segment nobody named: no structure to prompt for
 
@@ -64,6 +79,8 @@ class FineTuning(TrainTask):
         self.overrides = {k: v for k, v in settings.bundle_overrides.items() if k in parser.config}
         parser.update(self.overrides)
         self.defaults = {key: parser.get_parsed_content(key) for key in (*TRAIN_OPTIONS, "model_size")}
+        self._stats_lock = threading.Lock()  # the training loop and the server watch both write the statistics
+        self._latest: dict[str, Any] = {}
 
     def config(self) -> dict[str, Any]:
         """The options Slicer shows; the default mode comes first (MONAI Label shows lists as choices)."""
@@ -72,19 +89,31 @@ class FineTuning(TrainTask):
         return {"mode": [mode, *(m for m in MODES if m != mode)], **options, **APP_OPTIONS}
 
     def stats(self) -> dict[str, Any]:
-        """The current or last run, with the keys Slicer's progress and accuracy bars read (``epoch`` counts steps)."""
+        """The current or last run, with the keys Slicer's progress and accuracy bars read (``epoch`` counts steps).
+
+        A run whose process is gone while it says "running" (killed by ``DELETE /train/``, a crash, or its server's
+        death) is reported ``stopped``, and what its interrupted writes left is removed.
+        """
         path = self.model_dir / STATS_FILE
         try:
-            return json.loads(path.read_text()) if path.is_file() else {}
+            stats = json.loads(path.read_text()) if path.is_file() else {}
         except (OSError, ValueError) as error:
             logger.warning("Cannot read %s: %s", path, error)
             return {}
+        if "pid" not in stats or run_alive(stats["pid"], stats.get("process_started", 0.0)):
+            return stats
+        remove_temp_files(self.model_dir, owner=stats["pid"])
+        if stats.get("run_dir"):
+            remove_temp_files(Path(stats["run_dir"]))
+        if stats.get("status") != "running":
+            return stats
+        return {**stats, "status": "stopped", "stopped_reason": STOPPED_UNFINISHED, "published": None}
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         options = self._options(request)
-        training, validation = _split(self._items(datastore), options["validation_fraction"])
-        run_dir = self.model_dir / "train" / time.strftime("%Y%m%d_%H%M%S")
-        run_dir.mkdir(parents=True, exist_ok=True)
+        items, skipped = self._items(datastore)
+        training, validation = _split(items, options["validation_fraction"])
+        run_dir = self._new_run_dir()
         datalist = run_dir / "datalist.json"
         datalist.write_text(json.dumps({"training": training, "validation": validation}, indent=2))
         overrides = {
@@ -105,6 +134,35 @@ class FineTuning(TrainTask):
             len(validation),
             run_dir,
         )
+        pid, started = process_identity()
+        stats = {
+            "status": "running",
+            "mode": options["mode"],
+            "total_epochs": options["max_steps"],
+            "epoch": 0,
+            "best_metric": 0.0,
+            "run_dir": str(run_dir),
+            "pid": pid,
+            "process_started": started,
+            "training_images": len(training),
+            "validation_images": len(validation),
+            "skipped_labels": skipped,
+            "continued_from": overrides["adapter_path"] or None,
+        }
+        self._write_stats(stats)
+        follow_server(lambda reason: self._server_gone(reason, run_dir))
+        try:
+            return self._train(options, overrides, stats)
+        except Exception as error:
+            self._write_stats({**self._latest, "status": "failed", "error": str(error) or type(error).__name__})
+            raise
+
+    def _train(self, options: dict[str, Any], overrides: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
+        """Score the served weights, run train.json, then publish if the run is not worse (or asked to)."""
+        validating = stats["validation_images"] > 0
+        if validating and not options["force_publish"]:
+            served, which = self._served_dice(overrides)
+            stats.update(served_dice=served, served_weights=which)
         workflow = ConfigWorkflow(
             config_file=self.config_files,
             meta_file=str(Path(self.settings.bundle) / "configs" / "metadata.json"),
@@ -115,7 +173,6 @@ class FineTuning(TrainTask):
         workflow.initialize()
         validation_handler = workflow.parser.get_parsed_content("validation")
         start = time.time()
-        stats = {"mode": options["mode"], "total_epochs": options["max_steps"], "run_dir": str(run_dir)}
 
         def progress(engine: Engine) -> None:
             best = validation_handler.best if validation_handler.best >= 0 else 0.0
@@ -126,29 +183,73 @@ class FineTuning(TrainTask):
         trainer.add_event_handler(Events.ITERATION_COMPLETED(every=max(1, options["max_steps"] // 50)), progress)
         workflow.run()
         workflow.finalize()
+        run_dir = Path(stats["run_dir"])
+        run_dice = validation_handler.best if validating and validation_handler.best >= 0 else None
+        publish, why = publish_decision(
+            run_dice, stats.get("served_dice"), stats["validation_images"], options["force_publish"]
+        )
         best = run_dir / "model_best.pt"
-        weights = best if validation and best.is_file() else run_dir / "model_final.pt"
-        published = self.published.publish(weights, options["mode"])
+        weights = best if validating and best.is_file() else run_dir / "model_final.pt"
+        published = None
+        if publish:
+            check_server(lambda reason: self._server_gone(reason, run_dir))
+            published = str(self.published.publish(weights, options["mode"]))
+        logger.log(logging.INFO if publish else logging.WARNING, "Weights %s %s", weights, why)
         result = {
             **stats,
+            "status": "finished",
             "epoch": options["max_steps"],
-            "best_metric": max(validation_handler.best, 0.0) if validation else 0.0,
+            "best_metric": run_dice or 0.0,
             "total_time": round(time.time() - start, 1),
-            "training_images": len(training),
-            "validation_images": len(validation),
-            "continued_from": overrides["adapter_path"] or None,
-            "published": str(published),
+            "validation_dice": run_dice,
+            "publish_decision": why,
+            "published": published,
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         self._write_stats(result)
         logger.info("Fine-tuning done: %s", result)
         return result
 
+    def _served_dice(self, overrides: dict[str, Any]) -> tuple[float | None, str]:
+        """The served weights' validation Dice and which weights they are; None when they cannot be scored (the
+        server cannot load them either, so it serves the base weights)."""
+        try:
+            score, weights = served_dice(self.config_files, overrides, self.published)
+        except Exception as error:  # noqa: BLE001 - scoring the served weights must not stop the run
+            logger.warning("Cannot score the served weights on the validation images: %s", error)
+            return None, f"cannot be scored: {error}"
+        logger.info("Served weights (%s): validation Dice %.4f", weights, score)
+        return score, weights
+
+    def _server_gone(self, reason: str, run_dir: Path) -> None:
+        """What the run leaves when its server is gone: statistics that say so, no temporary files."""
+        self._write_stats({**self._latest, "status": "stopped", "stopped_reason": reason, "published": None})
+        remove_temp_files(run_dir)
+
+    def _new_run_dir(self) -> Path:
+        """A new run folder, after removing what killed runs left (MONAI Label runs one training at a time, so none
+        writes now) and all but the newest ``keep_runs`` runs."""
+        train_dir = self.model_dir / "train"
+        remove_temp_files(self.model_dir)
+        for folder in train_dir.glob("*") if train_dir.is_dir() else ():
+            if RUN_NAME.fullmatch(folder.name):
+                remove_temp_files(folder)
+        name = time.strftime("%Y%m%d_%H%M%S")
+        run_dir, count = train_dir / name, 1
+        while run_dir.exists():  # two runs in one second
+            count += 1
+            run_dir = train_dir / f"{name}_{count}"
+        run_dir.mkdir(parents=True)
+        prune_runs(train_dir, self.settings.keep_runs)
+        return run_dir
+
     def _write_stats(self, stats: dict[str, Any]) -> None:
         path = self.model_dir / STATS_FILE
-        partial = path.with_suffix(".partial")
-        partial.write_text(json.dumps(stats, indent=2))
-        os.replace(partial, path)  # the server reads it on every /info and /infer
+        with self._stats_lock:
+            self._latest = stats
+            partial = temp_name(path)
+            partial.write_text(json.dumps(stats, indent=2))
+            os.replace(partial, path)  # the server reads it on every /info and /infer
 
     def _starting_adapter(self, options: dict[str, Any]) -> str:
         """The published adapter to continue from, when asked and when it fits this run (mode, heads, size)."""
@@ -187,36 +288,42 @@ class FineTuning(TrainTask):
                     value = parse_flag(value, key) if isinstance(default, bool) else type(default)(value)
                 except (TypeError, ValueError, OverflowError) as error:
                     raise ValueError(f"{key} expects a {type(default).__name__}, got {value!r}") from error
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ValueError(f"{key} must be a finite number, got {value!r}")
             options[key] = value
         if options["max_steps"] < 1 or options["batch_size"] < 1 or not 0 <= options["validation_fraction"] < 1:
             raise ValueError("max_steps and batch_size must be >= 1 and validation_fraction in [0, 1)")
         return options
 
-    def _items(self, datastore: Datastore) -> list[dict[str, Any]]:
-        """One datalist item per image with a final label, with the names of that label's values."""
-        items = []
+    def _items(self, datastore: Datastore) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+        """One datalist item per image with a final label, with the names of that label's values; and the images
+        left out, with why (an unreadable label file, no named structure), so one bad save does not stop training."""
+        items, skipped = [], []
         for image_id in sorted(datastore.get_labeled_images(DefaultLabelTag.FINAL)):
             label_id = datastore.get_label_by_image_id(image_id, DefaultLabelTag.FINAL)
             info = datastore.get_label_info(label_id, DefaultLabelTag.FINAL)
             label_path = datastore.get_label_uri(label_id, DefaultLabelTag.FINAL)
-            # A name whose value the file lacks (an empty segment, an offered label nobody drew) is left out rather
-            # than taken as "absent everywhere": the annotator may simply not have drawn it.
-            present = {str(int(v)) for v in np.unique(read_image(label_path).array)}
             try:
                 named = self._label_names(info.get("label_info"))
+                # A name whose value the file lacks (an empty segment, an offered label nobody drew) is left out
+                # rather than taken as "absent everywhere": the annotator may simply not have drawn it.
+                present = {str(int(v)) for v in np.unique(read_image(label_path).array)}
             except ValueError as error:
+                skipped.append({"image": image_id, "reason": str(error)})
                 logger.warning("Skipping %s: %s", image_id, error)
                 continue
             labels = {v: n for v, n in named.items() if v in present}
             if not labels:
+                skipped.append({"image": image_id, "reason": "its label has no named structure"})
                 logger.warning("Skipping %s: its label has no named structure", image_id)
                 continue
             items.append({"image": datastore.get_image_uri(image_id), "label": label_path, "labels": labels})
         if not items:
             raise ValueError(
                 "No submitted labels to train on: save at least one final label (Submit Label in Slicer) first"
+                + (f"; skipped: {skipped}" if skipped else "")
             )
-        return items
+        return items, skipped
 
     def _label_names(self, label_info: Any) -> dict[str, str]:
         """Slicer sends ``label_info`` [{"name": ...}] with voxel value i + 1 for the i-th entry; without it the

@@ -1,0 +1,268 @@
+"""The app's datastore and sessions: MONAI Label's, with crash-safe writes and client names kept to their folder.
+
+Every image, label and ``datastore_v2.json`` write is atomic (:func:`lib.safe_paths.atomic_write`). The JSON is
+also written to a backup copy: a missing, empty or corrupt JSON is restored from it at start-up, else rebuilt from
+the files as MONAI Label does for a new folder, so the server always starts. Image ids and label tags are single
+names; files are written only below the studies folder (never into the app or bundle folders) and only with the
+datastore's extensions; NRRD and MetaImage headers must keep their data in the studies folder.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from typing import Any
+
+from filelock import FileLock
+from monailabel.config import settings
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.exception import ImageNotFoundException
+from monailabel.utils.sessions import Sessions
+
+from .safe_paths import (
+    UnsafePath,
+    atomic_copy,
+    atomic_write_text,
+    check_archive,
+    check_header,
+    check_name,
+    inside,
+    remove_stale_temp_files,
+)
+
+logger = logging.getLogger(__name__)
+
+_UPLOAD_NAME = re.compile(r"tmp[a-z0-9_]{8}[^/]*")  # tempfile's names, as MONAI Label's endpoints save uploads
+
+
+class SafeLocalDatastore(LocalDatastore):
+    """The studies folder as MONAI Label's local datastore, with the guarantees in this module's docstring.
+
+    ``protected``: folders never written to even when the studies folder contains them (the app, the bundle).
+    """
+
+    def __init__(
+        self,
+        datastore_path: str,
+        protected: Sequence[str] = (),
+        datastore_config: str = "datastore_v2.json",
+        images_dir: str = ".",
+        labels_dir: str = "labels",
+        **kwargs: Any,
+    ) -> None:
+        self.root = os.path.realpath(datastore_path)
+        os.makedirs(self.root, exist_ok=True)
+        self._protected = [p for p in map(os.path.realpath, protected) if p != self.root and inside(p, self.root)]
+        if self._protected:
+            logger.warning("The studies folder contains the app or bundle folder: the datastore never writes there")
+        self._backup_path = os.path.join(self.root, f".{datastore_config}.backup")
+        self._remove_temp_files(os.path.join(self.root, images_dir), os.path.join(self.root, labels_dir))
+        self._recover(os.path.join(self.root, datastore_config))
+        super().__init__(self.root, images_dir, labels_dir, datastore_config, **kwargs)
+
+    def _remove_temp_files(self, images: str, labels: str) -> None:
+        tags = [entry.path for entry in os.scandir(labels) if entry.is_dir()] if os.path.isdir(labels) else []
+        removed = remove_stale_temp_files({os.path.normpath(path) for path in (self.root, images, labels, *tags)})
+        if removed:
+            logger.warning("Removed %d temporary file(s) left by interrupted writes: %s", len(removed), removed)
+
+    def _recover(self, config: str) -> None:
+        """Make ``config`` loadable: from the backup copy, else set it aside so the files rebuild it."""
+        problem = _unreadable(config)
+        if problem is None or (problem == "missing" and not os.path.exists(self._backup_path)):
+            return  # sound, or a new datastore
+        if _unreadable(self._backup_path) is None:
+            atomic_copy(self._backup_path, config)
+            logger.warning(
+                "%s was %s: restored from its backup copy (label info as of the last save); "
+                "images and labels added since then are found again from the files",
+                os.path.basename(config),
+                problem,
+            )
+            return
+        if os.path.exists(config):
+            os.replace(config, f"{config}.corrupt")
+        logger.warning(
+            "%s was %s and its backup unusable: rebuilt from the images and labels in the studies folder "
+            "(label info such as the model or user that made a label is lost; the old file is kept as .corrupt)",
+            os.path.basename(config),
+            problem,
+        )
+
+    def _update_datastore_file(self, lock: bool = True) -> None:
+        """Write the JSON and its backup copy, each atomically."""
+        text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+        with FileLock(self._lock_file) if lock else nullcontext():
+            atomic_write_text(self._datastore_config_path, text)
+            atomic_write_text(self._backup_path, text)
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+    def _file_name(self, image_id: str, ext: str, what: str) -> str:
+        name = f"{image_id}{ext}"
+        if not any(fnmatch.fnmatchcase(name, pattern) for pattern in self._extensions):
+            accepted = ", ".join(pattern.lstrip("*") for pattern in self._extensions)
+            raise UnsafePath(f"{what} file type {ext or '(none)'!r} is not accepted; use one of {accepted}")
+        return check_name(name, f"{what} file name")
+
+    def _destination(self, folder: str, name: str) -> str:
+        dest = os.path.join(folder, name)
+        if not inside(dest, self.root) or any(inside(dest, protected) for protected in self._protected):
+            raise UnsafePath("The file would be written outside the studies folder; it is refused")
+        return dest
+
+    def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        derived, ext = self._to_id(os.path.basename(image_filename))
+        image_id = check_name(image_id or derived, "image id")
+        name = self._file_name(image_id, ext, "image")
+        folder = self._datastore.image_path()
+        dest = self._destination(folder, name)
+        check_header(image_filename, folder, [self.root])
+        logger.info("Adding image %s", image_id)
+        with FileLock(self._lock_file):
+            atomic_copy(image_filename, dest)
+            info = {**(image_info or {}), "ts": int(time.time()), "name": name}
+            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext))
+            self._update_datastore_file(lock=False)
+        return image_id
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        check_name(image_id, "image id")
+        label_tag = check_name(label_tag, "label tag")
+        obj = self._datastore.objects.get(image_id)
+        if not obj:
+            raise ImageNotFoundException(f"Image {image_id} not found")
+        _, ext = self._to_id(os.path.basename(label_filename))
+        name = self._file_name(image_id, ext, "label")
+        folder = self._datastore.label_path(label_tag)
+        dest = self._destination(folder, name)
+        check_header(label_filename, folder, [self.root])
+        logger.info("Saving label %s for image %s", label_tag, image_id)
+        with FileLock(self._lock_file):
+            os.makedirs(folder, exist_ok=True)
+            atomic_copy(label_filename, dest)
+            info = {**(label_info or {}), "ts": int(time.time()), "name": name}
+            obj.labels[label_tag] = DataModel(info=info, ext=ext)
+            self._update_datastore_file(lock=False)
+        return image_id
+
+    def remove_image(self, image_id: str) -> None:
+        super().remove_image(check_name(image_id, "image id"))
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        super().remove_label(check_name(label_id, "image id"), check_name(label_tag, "label tag"))
+
+    def get_image_uri(self, image_id: str) -> str:
+        uri = super().get_image_uri(image_id)
+        return uri if uri and self._data_inside(uri) else ""
+
+    def get_label_uri(self, label_id: str, label_tag: str) -> str:
+        uri = super().get_label_uri(label_id, label_tag)
+        return uri if uri and self._data_inside(uri) else ""
+
+    def datalist(self, full_path: bool = True) -> list[dict[str, Any]]:
+        pairs = super().datalist(full_path)
+        return [p for p in pairs if all(self._data_inside(os.path.join(self.root, p[k])) for k in ("image", "label"))]
+
+    def _data_inside(self, path: str) -> bool:
+        """Whether a file on disk may be read: a header only with its data in the studies folder."""
+        try:
+            check_header(path, os.path.dirname(path), [self.root])
+        except UnsafePath as error:
+            logger.warning("Not reading %s: %s", path, error.msg)
+            return False
+        return True
+
+    def owns_image(self, path: str) -> bool:
+        """Whether ``path`` is one of the datastore's images (a link in the studies folder may point elsewhere)."""
+        uri = super().get_image_uri
+        return any(uri(image_id) == path for image_id in list(self._datastore.objects))
+
+
+def _unreadable(path: str) -> str | None:
+    """Why the datastore JSON at ``path`` cannot be loaded, or None when it can."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, UnicodeDecodeError):
+        return "unreadable"
+    if not text.strip():
+        return "empty"
+    try:
+        LocalDatastoreModel.model_validate_json(text)
+    except ValueError:
+        return "corrupt"
+    return None
+
+
+class SafeSessions(Sessions):
+    """MONAI Label's sessions, refusing archives that would unpack outside their folder and ids that are paths."""
+
+    def add_session(
+        self, data_file: str, expiry: int = 0, uncompress: bool = False, session_id: str | None = None
+    ) -> tuple[str, Any]:
+        if uncompress and not os.path.isdir(data_file):
+            check_archive(data_file)
+        return super().add_session(data_file, expiry, uncompress, session_id)
+
+    def get_session(self, session_id: str, update_ts: bool = True, fetch_cache: bool = True) -> Any:
+        try:
+            check_name(session_id, "session id")
+        except UnsafePath:
+            return None  # MONAI Label answers 404
+        return super().get_session(session_id, update_ts, fetch_cache)
+
+    def remove_session(self, session_id: str) -> None:
+        super().remove_session(check_name(session_id, "session id"))
+
+
+def open_datastore(studies: str, protected: Sequence[str]) -> SafeLocalDatastore:
+    """The studies folder as a datastore, with MONAI Label's datastore settings."""
+    return SafeLocalDatastore(
+        studies,
+        protected,
+        extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+        auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+        read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+    )
+
+
+def open_sessions() -> SafeSessions:
+    return SafeSessions(settings.MONAI_LABEL_SESSION_PATH, settings.MONAI_LABEL_SESSION_EXPIRY)
+
+
+def readable_image(image: str, datastore: Datastore, sessions: Sessions | None) -> bool:
+    """Whether an infer request may read ``image``: a datastore image, a session's image or the file uploaded with
+    the request (and, for a header, its data in the studies or session folder). Paths elsewhere and paths that do
+    not exist get the same answer, so a client learns nothing about the server's files."""
+    if not image:
+        return False
+    path = os.path.realpath(image)
+    roots = [datastore._datastore_path] if isinstance(datastore, LocalDatastore) else []
+    roots += [sessions.store_path] if sessions is not None else []
+    allowed = any(inside(path, root) for root in roots) or _uploaded(path)
+    allowed = allowed or (isinstance(datastore, SafeLocalDatastore) and datastore.owns_image(path))
+    if not allowed or not os.path.exists(path):
+        return False
+    try:
+        check_header(path, os.path.dirname(path), roots)
+    except UnsafePath as error:
+        logger.warning("Not reading %s: %s", path, error.msg)
+        return False
+    return True
+
+
+def _uploaded(path: str) -> bool:
+    """A file MONAI Label's infer endpoint saved from the request's upload (tempfile's names, in its folder)."""
+    folder, name = os.path.split(path)
+    in_temp = folder == os.path.realpath(tempfile.gettempdir())
+    return in_temp and bool(_UPLOAD_NAME.fullmatch(name)) and os.path.isfile(path)

@@ -1,0 +1,173 @@
+"""A server that input cannot break: generated hostile requests get 4xx, limits hold, and work does not queue
+behind work (a real server on 127.0.0.1, the tiny model)."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from fuzz_requests import fuzz_requests, nifti_bytes
+from monailabel_server import start_server
+
+from scripts.phantom import write_phantom
+
+pytestmark = pytest.mark.slow
+
+IMAGES = ["ct_ras", "ct_lps", "ct_psr"]
+LABELS = "liver,spleen,left kidney,right kidney,aorta,vertebrae,stomach,pancreas"
+LIMITS = ["--conf", "max_prompts", "8", "--conf", "max_points", "20", "--conf", "max_upload_mb", "2"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    root = tmp_path_factory.mktemp("fuzz")
+    conf = ["--conf", "model_size", "tiny", "--conf", "checkpoint", "random", "--conf", "labels", LABELS, *LIMITS]
+    yield from start_server(root, *conf)
+
+
+@pytest.fixture(scope="module")
+def big_image(tmp_path_factory) -> bytes:
+    """A phantom large enough that inferring all labels takes seconds on the tiny model."""
+    image, _ = write_phantom(tmp_path_factory.mktemp("big"), "big", shape=(128, 128, 64), seed=3)
+    return image.read_bytes()
+
+
+def test_generated_hostile_requests_get_no_5xx(server) -> None:
+    url, studies = server
+    outside = studies.parent / "outside_sentinel"
+    before = sorted(p.name for p in studies.parent.iterdir())
+    statuses: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    failures = []
+    for request in fuzz_requests(IMAGES, count=300, seed=1):
+        response = requests.request(request.method, url + request.path, timeout=60, **request.kwargs)
+        statuses[request.kind][response.status_code] += 1
+        if response.status_code >= 500:
+            failures.append(
+                (request.kind, request.method, request.path, str(request.kwargs)[:160], response.text[:200])
+            )
+    assert not failures, {f[0]: f for f in failures}
+    assert requests.get(f"{url}/info/", timeout=10).status_code == 200
+    assert sum(sum(c.values()) for c in statuses.values()) == 300
+    assert sum(c[200] for c in statuses.values()) < 300  # hostile requests were refused, not all waved through
+    assert not outside.exists() and sorted(p.name for p in studies.parent.iterdir()) == before
+    assert all((studies / f"{name}.nii.gz").is_file() for name in IMAGES)  # nothing deleted
+
+
+@pytest.mark.parametrize(
+    ("params", "status", "message"),
+    [
+        (
+            {"labels": ",".join(f"thing {i}" for i in range(9))},
+            400,
+            "9 text prompts in one request; this server takes at most 8",
+        ),
+        ({"text": ";".join(f"thing {i}" for i in range(9))}, 400, "9 text prompts in one request; this server takes"),
+        ({"labels": LABELS}, 200, ""),
+    ],
+)
+def test_prompt_limit(server, params, status, message) -> None:
+    response = requests.post(f"{server[0]}/infer/medsam3_auto?image=ct_ras", data={"params": _json(params)}, timeout=60)
+    assert response.status_code == status, response.text[:300]
+    assert message in response.text
+
+
+def test_click_and_size_limits(server) -> None:
+    url = server[0]
+    clicks = {"foreground": [[5, 5, 5]] * 21}
+    response = requests.post(f"{url}/infer/medsam3_clicks?image=ct_ras", data={"params": _json(clicks)}, timeout=60)
+    assert response.status_code == 400 and "21 clicks in one request" in response.text and "max_points" in response.text
+    bomb = nifti_bytes((2, 2, 2), claim=(30000, 30000, 30000))
+    response = requests.post(
+        f"{url}/infer/medsam3_auto", data={"params": "{}"}, files={"file": ("bomb.nii.gz", bomb)}, timeout=60
+    )
+    assert response.status_code == 400 and "claims 27,000,000,000,000 voxels" in response.text, response.text[:300]
+    too_big = b"\0" * (3 * 2**20)
+    response = requests.post(
+        f"{url}/infer/medsam3_auto", data={"params": "{}"}, files={"file": ("big.nii", too_big)}, timeout=60
+    )
+    assert response.status_code == 413
+    assert requests.get(f"{url}/info/", timeout=10).status_code == 200
+
+
+def test_malformed_params_shapes_get_400(server) -> None:
+    url = server[0]
+    for params in ("123", "[1, 2]", "null", "true", '"text"', "[" * 1000 + "]" * 1000):
+        response = requests.post(f"{url}/infer/medsam3_auto?image=ct_ras", data={"params": params}, timeout=60)
+        assert response.status_code == 400, (params[:20], response.status_code, response.text[:200])
+    response = requests.post(f"{url}/activelearning/nope", json={}, timeout=60)
+    assert response.status_code == 404 and "No active learning strategy 'nope'" in response.text
+    deep = "[" * 1000 + "]" * 1000
+    response = requests.post(
+        f"{url}/activelearning/random", data=deep, headers={"Content-Type": "application/json"}, timeout=60
+    )
+    assert response.status_code in (400, 422), response.text[:200]
+    clicks = {"foreground": [[5, 5, 5]], "roi": ["inf", 1, 0, 1, 0, 1]}
+    response = requests.post(f"{url}/infer/medsam3_clicks?image=ct_ras", data={"params": _json(clicks)}, timeout=60)
+    assert response.status_code == 400 and "roi must be finite numbers" in response.text
+
+
+def _json(value: object) -> str:
+    import json
+
+    return json.dumps(value)
+
+
+def _infer_all_labels(url: str, image: bytes, timeout: float) -> requests.Response:
+    """Every vocabulary label on the uploaded image (the slow request of these tests)."""
+    return requests.post(
+        f"{url}/infer/medsam3_auto",
+        data={"params": _json({"labels": LABELS})},
+        files={"file": ("big.nii.gz", image)},
+        timeout=timeout,
+    )
+
+
+def test_info_and_datastore_answer_while_inference_runs(server, big_image) -> None:
+    url = server[0]
+    reads = ("/info/", "/datastore/?output=all", "/datastore/image/info?image=ct_ras")
+    timed: list[tuple[str, float, float]] = []  # (read, sent, answered)
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            for path in reads:
+                sent = time.perf_counter()
+                if requests.get(url + path, timeout=300).status_code == 200:
+                    timed.append((path, sent, time.perf_counter()))
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        started = time.perf_counter()
+        response = _infer_all_labels(url, big_image, timeout=300)
+        finished = time.perf_counter()
+    finally:
+        done.set()
+        poller.join()
+    assert response.status_code == 200, response.text[:300]
+    # Reads sent after the inference began were answered well before it ended (before, they waited for it).
+    during = {path for path, sent, answered in timed if sent > started + 0.3 and answered < finished - 0.3}
+    assert set(reads) <= during, (finished - started, timed[:12])
+
+
+def test_a_request_whose_client_left_stops(server, big_image) -> None:
+    url, studies = server
+    log = studies.parent / "server.log"
+    start = time.perf_counter()
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        _infer_all_labels(url, big_image, timeout=1.0)
+    deadline = time.time() + 120
+    while "Stopped a " not in log.read_text() and time.time() < deadline:
+        time.sleep(0.5)
+    assert "Stopped a " in log.read_text() and "client that asked for this work has gone" in log.read_text()
+    # The model is free again: a small request is answered (it would have queued behind the abandoned one).
+    response = requests.post(
+        f"{url}/infer/medsam3_clicks?image=ct_ras", data={"params": _json({"foreground": [[5, 5, 5]]})}, timeout=120
+    )
+    assert response.status_code == 200
+    assert time.perf_counter() - start > 1.0
