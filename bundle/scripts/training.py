@@ -40,6 +40,7 @@ from .metrics import dice
 from .network import MedSam3
 from .predictor import Medsam3Predictor
 from .prompts import PromptSet, parse_flag
+from .training_data import per_query
 
 __all__ = [
     "PromptStep",
@@ -88,8 +89,7 @@ class PromptStep:
         device = engine.state.device
         model.train()
         images = batch["image"].to(device)  # B x clip x 3 x S x S
-        # A tracker loaded without weights (detector-only checkpoint) is not trained from scratch here.
-        clicks = self.clicks if unwrap(model).interactive else None
+        clicks = self.clicks if unwrap(model).interactive else None  # a tracker loaded without weights: not trained
         # Text prompts train on the sample's intensity preset only (``valid``); clicks on every structure the item
         # annotates: the tracker is class-agnostic (the click, not a name, says which structure), and a slice with
         # several structures to click is what teaches it to follow the click rather than segment the likeliest one.
@@ -100,8 +100,8 @@ class PromptStep:
         slices = images.flatten(0, 1)
         # query n = prompt p on slice i, n = p * num + i (the order the detector indexes text and image ids)
         target = targets.flatten(0, 1).transpose(0, 1).flatten(0, 1)
-        valid = _per_query(batch["valid"][:, used].to(device), images.shape[1])
-        annotated = _per_query(batch["annotated"][:, used].to(device), images.shape[1])
+        valid = per_query(batch["valid"][:, used].to(device), images.shape[1])
+        annotated = per_query(batch["annotated"][:, used].to(device), images.shape[1])
         click_targets = target * annotated[:, None, None]  # pairs the item does not annotate: empty, never clicked
         with device_fallbacks(device), precision(device, self.amp):
             if clicks is None:
@@ -121,11 +121,6 @@ class PromptStep:
         engine.state.metrics.update({f"loss_{k}": float(v.detach()) for k, v in terms.items() if k != "loss"})
         # One "decollated" item with the batch loss, as MONAI handlers read it: from_engine(["loss"], first=True)
         return [{CommonKeys.LOSS: terms["loss"].detach()}]
-
-
-def _per_query(flags: torch.Tensor, clip: int) -> torch.Tensor:
-    """B x P per-sample flags as one flag per query n = p * (B * clip) + i."""
-    return flags[:, None].expand(-1, clip, -1).flatten(0, 1).transpose(0, 1).flatten(0, 1)
 
 
 def param_groups(

@@ -30,7 +30,7 @@ from .orientation import SliceView
 from .slices import prepare_slices, preset_for
 from .vocabulary import Vocabulary
 
-__all__ = ["SlicePromptDataset", "label_prompts"]
+__all__ = ["SlicePromptDataset", "label_prompts", "per_query"]
 
 logger = logging.getLogger(__name__)
 
@@ -177,3 +177,8 @@ class _Volume(NamedTuple):
     positive: list[np.ndarray]  # per preset group: slices showing one of its structures
     channels: list[list[int] | None]  # the label values of each training label name, None where not annotated
     group_of: list[int | None]  # each training label's preset group, None where not annotated
+
+
+def per_query(flags: torch.Tensor, clip: int) -> torch.Tensor:
+    """B x P per-sample flags of a batch as one flag per query n = p * (B * clip) + i (the detector's order)."""
+    return flags[:, None].expand(-1, clip, -1).flatten(0, 1).transpose(0, 1).flatten(0, 1)

@@ -18,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
+from types import SimpleNamespace
 from typing import Any
 
 from filelock import FileLock
@@ -67,6 +68,14 @@ class SafeLocalDatastore(LocalDatastore):
         self._remove_temp_files(os.path.join(self.root, images_dir), os.path.join(self.root, labels_dir))
         self._recover(os.path.join(self.root, datastore_config))
         super().__init__(self.root, images_dir, labels_dir, datastore_config, **kwargs)
+        if getattr(self, "_handler", None) is not None:  # auto reload: another process's JSON arrives as a rename
+            self._handler.on_moved = self._on_moved_event
+
+    def _on_moved_event(self, event: Any) -> None:
+        """Reload when a JSON written by another process (the scoring or training subprocess) is renamed into place:
+        with atomic writes that is a move, which MONAI Label's watcher (modifications only) would miss."""
+        if os.path.realpath(getattr(event, "dest_path", "")) == os.path.realpath(self._datastore_config_path):
+            self._on_modify_event(SimpleNamespace(src_path=self._datastore_config_path))
 
     def _remove_temp_files(self, images: str, labels: str) -> None:
         tags = [entry.path for entry in os.scandir(labels) if entry.is_dir()] if os.path.isdir(labels) else []
@@ -101,6 +110,7 @@ class SafeLocalDatastore(LocalDatastore):
         """Write the JSON and its backup copy, each atomically."""
         text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
         with FileLock(self._lock_file) if lock else nullcontext():
+            self._ignore_event_config = True  # our own write: not a reason to reload
             atomic_write_text(self._datastore_config_path, text)
             atomic_write_text(self._backup_path, text)
             self._config_ts = os.stat(self._datastore_config_path).st_mtime
