@@ -195,6 +195,8 @@ def test_train_config_lowers_the_loss(datalist: Path, tmp_path: Path) -> None:
         "0.001",
         "--lr_decoder",
         "0.001",
+        "--click_rounds",
+        "0",  # the text loss alone (the tracker's clicks are tested in test_click_training.py)
     )
     assert result.returncode == 0, result.stderr[-3000:]
     losses = [
@@ -295,7 +297,7 @@ def test_mlflow_tracking_logs_the_loss(datalist: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_training_raises_held_out_dice(datalist: Path, tmp_path: Path) -> None:
     """Untrained (random weights) the tiny model finds nothing (Dice 0, measured); 80 steps teach it the liver."""
-    args = ["--mode", "full", "--max_steps", "80", "--batch_size", "2", "--val_every", "40"]
+    args = ["--mode", "full", "--max_steps", "80", "--batch_size", "2", "--val_every", "40", "--click_rounds", "0"]
     result = _train(datalist, tmp_path, *args, "--lr_backbone", "0.001", "--lr_decoder", "0.001")
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
