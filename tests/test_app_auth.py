@@ -276,3 +276,26 @@ def test_cors_allow_list(server, tokens) -> None:
         requests.get(f"{url}/info/", headers={"Origin": ALLOWED}, timeout=10).headers.get("access-control-allow-origin")
         == ALLOWED
     )  # a 401 keeps its CORS headers, so the page can read why
+
+
+def test_browser_log_in_sets_a_same_site_cookie_for_ohif(server) -> None:
+    """OHIF (served by this server at /ohif/) sends no token: the log-in page's cookie authenticates its calls."""
+    url = server[0]
+    assert "password" in requests.get(f"{url}/auth/login?next=/ohif/", timeout=30).text
+    wrong = requests.post(
+        f"{url}/auth/login", data={"username": "alice", "password": "nope", "next": "/ohif/"}, timeout=30
+    )
+    assert wrong.status_code == 401 and "medsam3_token" not in wrong.headers.get("set-cookie", "")
+    browser = requests.Session()
+    answer = browser.post(
+        f"{url}/auth/login",
+        data={"username": "alice", "password": PASSWORDS["alice"], "next": "//evil.example/x"},
+        allow_redirects=False,
+        timeout=30,
+    )
+    cookie = answer.headers["set-cookie"]
+    assert answer.status_code == 303 and answer.headers["location"] == "/ohif/"  # never another site
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie
+    assert browser.get(f"{url}/info/", timeout=30).status_code == 200
+    assert browser.get(f"{url}/logs/", timeout=30).status_code == 403  # the annotator's role, as with a token
+    assert requests.get(f"{url}/info/", timeout=30).status_code == 401

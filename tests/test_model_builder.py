@@ -35,7 +35,7 @@ INTENDED = {
     ("tracker", "non_overlap_masks_for_output"): MULTI_OBJECT_VIDEO,
     ("tracker", "prob_to_dropout_spatial_mem"): "read by training only; upstream's trainer sets it (0 here)",
     ("tracker", "teacher_force_obj_scores_for_mem"): "read by training only; upstream's trainer sets it",
-    ("tracker", "use_memory_selection"): "the predictor's memory_selection option; docs/clicks.md gives the default",
+    ("tracker", "use_memory_selection"): "set per use: the predictor turns it on as upstream's does (docs/clicks.md)",
 }
 
 

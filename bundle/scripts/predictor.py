@@ -77,7 +77,7 @@ class Medsam3Predictor:
         score_threshold: float = 0.5,
         max_empty_slices: int | None = 5,
         propagation_confidence: float = 0.8,
-        memory_selection: bool = False,
+        memory_selection: bool = True,
         amp: bool = True,
         progress: bool = False,
     ) -> None:
@@ -92,7 +92,7 @@ class Medsam3Predictor:
         if not 0.5 <= propagation_confidence <= 1.0:
             raise ValueError(f"propagation_confidence must be in [0.5, 1], got {propagation_confidence}")
         self.propagation_confidence = propagation_confidence
-        # SAM 3's video predictor keeps only confident slices in the tracker's memory (docs/clicks.md: why not here)
+        # As SAM 3's video predictor: only confident slices enter the tracker's memory (docs/clicks.md)
         model.tracker.use_memory_selection = bool(memory_selection)
         self.progress = progress
         self.device = model.device

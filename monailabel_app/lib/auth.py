@@ -9,6 +9,7 @@ every other request to :data:`RULES`.
 from __future__ import annotations
 
 import hmac
+import html
 import logging
 import os
 import secrets
@@ -17,12 +18,13 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Annotated
 
 import jwt
-from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Form, HTTPException, Request, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.security import OAuth2PasswordRequestForm
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, QueryParams
@@ -150,6 +152,19 @@ def _create_secret(path: Path) -> None:
         os.unlink(temp)
 
 
+COOKIE = "medsam3_token"  # set by /auth/login: browsers (OHIF served by this server) send it on same-origin calls
+LOGIN_PAGE = """<!doctype html><title>Medical SAM3: log in</title>
+<form method="post" action="login"><input type="hidden" name="next" value="{next}">
+<p><label>User <input name="username" autocomplete="username" required></label></p>
+<p><label>Password <input name="password" type="password" autocomplete="current-password" required></label></p>
+<p><button>Log in</button></p></form>"""
+
+
+def _local(target: str) -> str:
+    """Only a path on this server is a redirect target (never another site)."""
+    return target if target.startswith("/") and not target.startswith("//") and "\\" not in target else "/ohif/"
+
+
 def auth_router(guard: Guard, prefix: str = "") -> APIRouter:
     """``/auth/``, ``/auth/token`` and ``/auth/token/valid`` as MONAI Label's Slicer plugin and client call them."""
     router = APIRouter(prefix=f"{prefix}/auth", tags=["Auth"])
@@ -167,6 +182,32 @@ def auth_router(guard: Guard, prefix: str = "") -> APIRouter:
             raise HTTPException(401, "Incorrect user name or password", headers={"WWW-Authenticate": "Bearer"})
         logger.info("%s logged in from %s", form.username, client)
         return {"access_token": issued, "token_type": "bearer", "expires_in": guard.seconds}
+
+    @router.get("/login", summary="Log-in page for browsers (OHIF): sets the token as a same-site cookie")
+    def login_page(next: str = "/ohif/") -> HTMLResponse:
+        return HTMLResponse(LOGIN_PAGE.format(next=html.escape(_local(next), quote=True)))
+
+    @router.post("/login", summary="Log in from the page; the cookie then authenticates same-origin calls")
+    def login_form(
+        request: Request,
+        username: Annotated[str, Form()],
+        password: Annotated[str, Form()],
+        next: Annotated[str, Form()] = "/ohif/",
+    ) -> Response:
+        issued = guard.login(username, password)
+        if issued is None:
+            logger.warning("Failed log-in as %r from %s", username, request.client.host if request.client else "?")
+            return HTMLResponse(LOGIN_PAGE.format(next=html.escape(_local(next), quote=True)), status_code=401)
+        response = RedirectResponse(_local(next), status_code=303)
+        response.set_cookie(
+            COOKIE,
+            issued,
+            max_age=guard.seconds,
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
+        return response
 
     @router.get("/token/valid", summary="Whether the bearer token is valid")
     def valid(request: Request) -> dict:
@@ -201,7 +242,9 @@ class AuthMiddleware:
         if rule.role is PUBLIC:
             await self.app(scope, receive, send)
             return
-        user = self.guard.bearer(Headers(scope=scope).get("authorization"))
+        headers = Headers(scope=scope)
+        cookie = SimpleCookie(headers.get("cookie", "")).get(COOKIE)
+        user = self.guard.bearer(headers.get("authorization") or (f"Bearer {cookie.value}" if cookie else None))
         if user is None:
             status, detail = 401, "Not authenticated: get a token from POST /auth/token, send 'Authorization: Bearer'"
         elif not user.may(rule.role):
