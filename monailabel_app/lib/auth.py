@@ -30,6 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, QueryParams
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .safe_paths import UnsafePath, check_name
 from .users import ADMIN, ANNOTATOR, User, UserStore
 
 logger = logging.getLogger(__name__)
@@ -220,8 +221,15 @@ def auth_router(guard: Guard, prefix: str = "") -> APIRouter:
 
 
 def plain_image_id(image_id: str | None) -> bool:
-    """An id the datastore turns into a file name inside its folder (no path, not hidden)."""
-    return bool(image_id) and not image_id.startswith(".") and not any(c in image_id for c in "/\\\0")
+    """An id annotators may upload under: one file name inside the studies folder (:func:`lib.safe_paths.check_name`),
+    not hidden."""
+    if not image_id or image_id.startswith("."):
+        return False
+    try:
+        check_name(image_id, "image id")
+    except UnsafePath:
+        return False
+    return True
 
 
 class AuthMiddleware:

@@ -84,11 +84,12 @@ def fsync_folder(folder: str | Path) -> None:
         os.close(descriptor)
 
 
-def atomic_write(dest: str | Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write ``dest`` through ``write(handle)`` so that it is either its old content or all of the new one."""
+def atomic_write(dest: str | Path, write: Callable[[BinaryIO], object], mode: int = 0o666) -> None:
+    """Write ``dest`` through ``write(handle)`` so that it is either its old content or all of the new one; a new
+    file gets ``mode`` (less the umask) from its first byte."""
     folder = os.path.dirname(os.path.abspath(dest))
     temp = os.path.join(folder, f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}")
-    descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+    descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         with os.fdopen(descriptor, "wb") as handle:
             write(handle)

@@ -16,13 +16,13 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import secrets
 import stat
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from .safe_paths import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -130,16 +130,7 @@ def write_users(path: Path, users: dict[str, User]) -> None:
     """Replace ``path`` atomically with ``users``; the file is created with mode 0600 (never readable by others)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"users": {u.name: {"password": u.password_hash, "roles": list(u.roles)} for u in users.values()}}
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp creates it 0600
-    try:
-        with os.fdopen(handle, "w") as out:
-            json.dump(payload, out, indent=2)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda out: out.write(json.dumps(payload, indent=2).encode("utf-8")), mode=0o600)
 
 
 _CLI = "python -m monailabel_app.users --file <users.json>"
