@@ -188,3 +188,16 @@ def test_presence_gating_changes_no_text_result(model) -> None:
         expected = plain.segment_text(plain.encode(slices), prompts)
     for ours, theirs in zip(results, expected, strict=True):
         assert torch.equal(ours.logits, theirs.logits) and torch.equal(ours.scores, theirs.scores)
+
+
+def test_memory_selection_is_upstreams_by_default(model) -> None:
+    """Propagation keeps only confident slices in memory, as upstream's video predictor (docs/clicks.md), from the
+    predictor and from the bundle's inference config alike; training's tracker keeps every slice."""
+    import json
+    from pathlib import Path
+
+    assert tiny_model().tracker.use_memory_selection is False
+    assert Medsam3Predictor(tiny_model()).model.tracker.use_memory_selection is True
+    assert Medsam3Predictor(tiny_model(), memory_selection=False).model.tracker.use_memory_selection is False
+    config = json.loads((Path(__file__).parents[1] / "bundle" / "configs" / "inference.json").read_text())
+    assert config["memory_selection"] is True
