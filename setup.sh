@@ -12,6 +12,22 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
   exit 1
 fi
 
+# The PACS and browser tests use the real parts: Orthanc with DICOMweb, Chromium and its driver (Debian packages).
+debs=(orthanc orthanc-dicomweb chromium chromium-driver)
+missing=()
+for deb in "${debs[@]}"; do
+  dpkg-query -W -f='${Status}' "$deb" 2>/dev/null | grep -q "install ok installed" || missing+=("$deb")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "Installing ${missing[*]} (Debian packages for the PACS and browser tests)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null; }
+  else
+    echo "Not installing ${missing[*]} (needs root and apt-get): the PACS and browser tests will be skipped" >&2
+  fi
+fi
+
 hash=$(sha256sum requirements.txt | cut -c1-16)
 cache="${MEDSAM3_ENV_CACHE:-$HOME/.cache/medsam3}"
 env_dir="$cache/venv-$hash"

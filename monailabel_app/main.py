@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import HTTPException
 from lib.activelearning.uncertainty import Uncertainty, UncertaintyScoring
 from lib.datastore import SafeSessions, open_datastore, open_sessions
+from lib.dicomweb import PacsDatastore
 from lib.errors import install_error_handlers
 from lib.infers.auto_segmentation import AutoSegmentation
 from lib.infers.interactive import InteractiveSegmentation
@@ -26,6 +27,7 @@ from lib.security import install_security
 from lib.settings import AppSettings, names
 from lib.trainers.fine_tuning import FineTuning
 from lib.trainers.run_guard import mark_server_process
+from monailabel.config import settings as monailabel_settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
@@ -61,10 +63,11 @@ class Medsam3App(MONAILabelApp):
         )
 
     def init_datastore(self) -> Datastore:
-        """The studies folder with crash-safe writes and client names kept inside it (:mod:`lib.datastore`);
-        a DICOMweb or other remote datastore as MONAI Label has it."""
+        """The studies folder with crash-safe writes and client names kept inside it (:mod:`lib.datastore`), or a
+        DICOMweb PACS listing every image series and storing labels as coded DICOM SEG (:mod:`lib.dicomweb`)."""
         if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
+            cache = monailabel_settings.MONAI_LABEL_DICOMWEB_CACHE_PATH.strip() or None
+            return PacsDatastore(self.studies, self.settings, self.label_names, self.service.vocabulary, cache)
         return open_datastore(self.studies, protected=(self.app_dir, self.settings.bundle))
 
     def _load_sessions(self, load: bool = False) -> SafeSessions | None:

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
+
+from scripts.image_io import read_image
+from scripts.phantom import write_phantom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "monailabel_app"))
 
+from lib.auto_labels import AutoLabels  # noqa: E402
+from lib.dicom_source import dicom_tags  # noqa: E402
 from lib.infers.auto_segmentation import AutoSegmentation  # noqa: E402
 from lib.infers.interactive import InteractiveSegmentation, roi_mask  # noqa: E402
 from lib.infers.vista3d_prompts import Vista3dPrompts  # noqa: E402
-from lib.model_service import ModelService  # noqa: E402
+from lib.model_service import ModelService, write_result  # noqa: E402
 from lib.published_weights import PublishedWeights  # noqa: E402
 from lib.settings import AppSettings  # noqa: E402
 
@@ -53,14 +60,39 @@ def test_offered_labels_are_numbered_from_one(service) -> None:
         service.offered_labels(["wombat"])
 
 
-def test_auto_prompts(service) -> None:
-    task = AutoSegmentation(service, service.offered_labels(["spleen", "liver"]))
-    assert task.prompts({"labels": "", "text": ""}).texts == ("spleen", "liver")  # all offered by default
-    assert task.prompts({"label_prompt": [2], "text": "odd blob"}).texts == ("liver", "odd blob")
-    with pytest.raises(ValueError, match="label_prompt is empty"):
-        task.prompts({"label_prompt": []})
-    with pytest.raises(ValueError, match=r"Label index 3 is not one of this model's labels \(1..2\)"):
-        task.prompts({"label_prompt": [3]})
+def test_auto_prompts(service, tmp_path) -> None:
+    task = AutoSegmentation(service, service.offered_labels(["spleen", "aorta", "liver", "brain"]))
+    ct, _ = write_phantom(tmp_path, "ct", shape=(16, 16, 4))
+    mr, _ = write_phantom(tmp_path, "mr", kind="mr", shape=(16, 16, 4))
+    # nothing named, or OHIF's empty label_prompt: the modality's default set among the offered labels, in its order
+    assert task.prompts({"image": str(ct), "labels": "", "text": ""}).texts == ("liver", "spleen", "aorta")
+    assert task.prompts({"image": str(ct), "label_prompt": []}).texts == ("liver", "spleen", "aorta")
+    assert task.prompts({"image": str(mr)}).texts == ("liver", "spleen", "aorta")
+    assert task.prompts({"label_prompt": [3], "text": "odd blob"}).texts == ("liver", "odd blob")
+    with pytest.raises(ValueError, match=r"Label index 5 is not one of this model's labels \(1..4\)"):
+        task.prompts({"label_prompt": [5]})
+
+
+def test_auto_label_sets(tmp_path) -> None:
+    auto = AutoLabels.load()
+    offered = ["liver", "spleen", "brain", "white matter", "left lung", "heart"]
+    assert auto.choose(offered, "CT") == ["liver", "spleen"]
+    assert auto.choose(offered, "CT", "chest") == ["left lung", "heart"]
+    assert auto.choose(offered, "MR", "HEAD") == ["brain", "white matter"]
+    assert auto.choose(offered, "US") == ["liver", "spleen"]  # no set for the modality: the fallback
+    assert auto.choose(["heart"], "MR", "HEAD") == ["heart"]  # none of the set offered: what is offered
+    assert auto.choose(offered, "CT", all_offered=True) == offered  # the site chose them with --conf labels
+    folder, _ = write_phantom(tmp_path, "dicom", fmt="dicom", shape=(8, 8, 3))
+    assert dicom_tags(str(folder)) == ("CT", "")
+    for path in sorted(folder.iterdir()):
+        header = pydicom.dcmread(str(path))
+        header.BodyPartExamined = "CHEST"
+        header.save_as(str(path))
+    assert dicom_tags(str(folder)) == ("CT", "CHEST") and dicom_tags("") == ("", "")
+    bad = tmp_path / "auto_labels.json"
+    bad.write_text('{"modalities": {"CT": {"CHEST": ["heart"]}}, "fallback": ["liver"]}')
+    with pytest.raises(ValueError, match="every modality needs a 'default' set"):
+        AutoLabels.load(bad)
 
 
 def test_click_prompts(service) -> None:
@@ -77,11 +109,24 @@ def test_click_prompts(service) -> None:
         task.prompts({"label": "Segment_1", "foreground": [], "background": []})
 
 
-def test_vista3d_prompts(service) -> None:
+def test_vista3d_prompts(service, tmp_path) -> None:
     task = Vista3dPrompts(service, service.offered_labels(["liver", "aorta"]))
     prompt = task.prompts({"label_prompt": [2], "points": [[1, 2, 3], [3, 3, 3]], "point_labels": [1, 0]})
     assert prompt.texts == ("aorta",) and prompt.points.shape == (2, 3)
-    assert task.prompts({}).texts == ("liver", "aorta")
+    ct, _ = write_phantom(tmp_path, "ct", shape=(16, 16, 4))
+    assert task.prompts({"image": str(ct)}).texts == ("liver", "aorta")  # OHIF's Auto: the CT set
+    assert task.prompts({"image": str(ct), "label_prompt": []}).texts == ("liver", "aorta")  # the Class tab's default
+
+
+def test_seg_results_need_a_dicom_series(tmp_path) -> None:
+    image, label = write_phantom(tmp_path, "ct", shape=(16, 16, 4))
+    volume = read_image(image)
+    with pytest.raises(ValueError, match="needs an image from a DICOM series"):
+        write_result(read_image(label).array, volume, ".dcm", None, True)
+    folder, label = write_phantom(tmp_path, "series", fmt="dicom", shape=(16, 16, 4))
+    with pytest.raises(ValueError, match="Nothing was segmented"):
+        write_result(np.zeros(volume.shape, np.uint8), read_image(folder), ".dcm", None, True, (folder, []))
+    assert not list((Path(tempfile.gettempdir()) / "medsam3_results").glob("*.dcm"))  # no leftovers
 
 
 def test_roi_mask() -> None:
@@ -97,8 +142,6 @@ def test_roi_mask() -> None:
 
 def test_images_are_read_once_per_version(service, tmp_path) -> None:
     import os
-
-    from scripts.phantom import write_phantom
 
     image, _ = write_phantom(tmp_path, "ct", shape=(16, 16, 4))
     first = service._read(str(image))

@@ -15,9 +15,10 @@ from scripts.model_builder import build_medsam3
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "bundle" / "scripts"
 FLOORS = {
+    0: {"dicom_series"},  # below image_io, which imports it
     1: {"clicks", "prompts", "image_io", "intensity", "metrics", "adapters", "losses", "model_sizes", "cancellation"},
     2: {"timing", "cpu_compat", "click_training", "checkpoint", "vocabulary", "orientation", "phantom"},
-    3: {"network", "label_numbering", "slices", "phantom_dataset"},
+    3: {"network", "label_numbering", "slices", "phantom_dataset", "dicom_seg"},
     4: {"model_builder", "predictor", "training_data"},
     5: {"encoding_cache"},
     6: {"inference"},

@@ -147,7 +147,6 @@ def test_uncertainty_scoring_and_strategy(client, server) -> None:
         ("medsam3_clicks", "ct_ras", {"foreground": [[40, 0, 0]]}, 400, r"Point \[40, 0, 0\] is outside the image"),
         ("medsam3_clicks", "ct_ras", {"foreground": "[[1, 2"}, 400, "foreground is not a valid JSON list"),
         ("medsam3_clicks", "ct_ras", {"label": "Segment_1"}, 400, "No clicks"),
-        ("medsam3_vista3d", "ct_ras", {"label_prompt": []}, 400, "label_prompt is empty"),
         ("medsam3_auto", "ct_ras", {"label_prompt": [999]}, 400, "Label index 999 is not one of this model's labels"),
         ("medsam3_clicks", "ct_ras", {"foreground": [[5, 5, 5]], "roi": [1, 2, 3]}, 400, "roi must have 6 numbers"),
         ("medsam3_auto", "ct_ras", {"result_extension": ".exe"}, 400, "result_extension must be one of"),

@@ -74,6 +74,25 @@ def test_every_text_resolves_to_its_own_label(vocabulary: Vocabulary) -> None:
             assert vocabulary.resolve(text).index == entry.index, text
 
 
+def test_snomed_codes_are_dicoms_own(vocabulary: Vocabulary) -> None:
+    """Every code and meaning is one of DICOM's SNOMED CT concepts (pydicom ships the standard's dictionary), so a
+    PACS reading a segment's code finds the structure the label names, or its nearest broader concept."""
+    from pydicom.sr import _concepts_dict
+
+    meanings: dict[str, set[str]] = {}
+    for concept in _concepts_dict.concepts["SCT"].values():
+        for code, (meaning, _) in concept.items():
+            meanings.setdefault(code, set()).add(meaning)
+    coded = [e for e in vocabulary if e.snomed]
+    assert len(coded) >= len(vocabulary) - 2  # the prostate zones have no code
+    for entry in coded:
+        for code, meaning in filter(None, (entry.snomed.category, entry.snomed.type, entry.snomed.modifier)):
+            assert meaning in meanings.get(code, ()), (entry.name, code, meaning)
+    liver, right_kidney = vocabulary.by_index[1].snomed, vocabulary.resolve("right kidney")
+    assert liver.type == ("10200004", "Liver") and vocabulary.by_index[2].snomed.type == ("78961009", "Spleen")
+    assert vocabulary.by_index[right_kidney.index].snomed.modifier == ("24028007", "Right")
+
+
 def test_every_label_preset_applies(vocabulary: Vocabulary) -> None:
     volume = np.linspace(-1000, 1000, 1000, dtype=np.float32).reshape(10, 10, 10)
     for entry in vocabulary:
@@ -199,6 +218,10 @@ def _mutated(change: str) -> Any:
         data["default_presets"]["MR"] = "t1"
     elif change == "top level list":
         data = [data]
+    elif change == "snomed without type":
+        labels[0]["snomed"] = {"category": ["123037004", "Anatomical Structure"]}
+    elif change == "snomed bad id":
+        labels[0]["snomed"] = {"category": ["123037004", "Anatomical Structure"], "type": ["liver", "Liver"]}
     return data
 
 
@@ -225,6 +248,8 @@ def _mutated(change: str) -> Any:
         ("missing default", r"'default_presets' must name one preset for each of \['CT', 'MR'\]"),
         ("undefined default", "default preset 't1' for MR is not defined in 'presets'"),
         ("top level list", "the top level must be an object, got list"),
+        ("snomed without type", "label 'liver': 'snomed' needs 'category' and 'type'"),
+        ("snomed bad id", r"label 'liver': snomed 'type' \['liver', 'Liver'\] is not a SNOMED CT id"),
     ],
 )
 def test_bad_files_are_rejected(tmp_path: Path, change: str, message: str) -> None:

@@ -4,8 +4,9 @@ Every volume format gives the same convention, ITK's: ``array[i, j, k]`` is the 
 (the file's own index order), ``spacing`` is per index axis, ``origin`` and ``direction`` (columns = index
 axes) are LPS world values. NIfTI is read with nibabel (ITK silently zero-fills truncated NIfTI files) and its
 header is kept, so labels written back to NIfTI carry the input's exact affine; NRRD, MetaImage and DICOM
-are read with ITK. 2D pictures (PNG/JPEG, single-frame DICOM, 2D NIfTI/NRRD) are rows x columns (x 3 for
-colour), with ITK's picture convention: columns run along ITK index i, rows along j; they keep only spacing.
+are read with ITK, DICOM once ``dicom_series`` has checked its headers (ITK misreads a gappy or mixed series).
+2D pictures (PNG/JPEG, single-frame DICOM, 2D NIfTI/NRRD) are rows x columns (x 3 for colour), with ITK's
+picture convention: columns run along ITK index i, rows along j; they keep only spacing.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 from PIL import Image
+
+from .dicom_series import check_series, series_in_folder
 
 __all__ = ["ImageVolume", "output_path_for", "read_image", "write_image", "write_label"]
 
@@ -126,6 +129,8 @@ def read_image(path: str | Path, max_voxels: int | None = None) -> ImageVolume:
     elif suffix in PICTURE_SUFFIXES:
         volume = _read_picture(path, max_voxels)
     elif suffix in (*ITK_SUFFIXES, DICOM_SUFFIX):
+        if suffix == DICOM_SUFFIX:
+            check_series([path])
         volume = _read_itk(str(path), path, max_voxels)
     else:
         raise ValueError(
@@ -234,19 +239,8 @@ def _volume_from_itk(image: itk.Image, components: int, is_dicom: bool, path: Pa
 
 
 def _read_dicom_series(folder: Path, max_voxels: int | None) -> ImageVolume:
-    if not any(p.is_file() for p in folder.iterdir()):
-        raise ValueError(f"DICOM folder {folder} is empty")
-    names = itk.GDCMSeriesFileNames.New(Directory=str(folder))
-    series = list(names.GetSeriesUIDs())
-    if not series:
-        raise ValueError(f"No DICOM series found in {folder}: give a folder of .dcm files of one series")
-    chosen = max(series, key=lambda uid: len(names.GetFileNames(uid)))
-    files = list(names.GetFileNames(chosen))
-    if len(series) > 1:
-        logger.warning(
-            "%s holds %d DICOM series; reading the largest, %s (%d files)", folder, len(series), chosen, len(files)
-        )
-    return _read_itk(files, folder, max_voxels)
+    files = series_in_folder(folder)  # refuses non-images, gaps, mixed stacks before ITK reads a pixel
+    return _read_itk([str(f) for f in files] if len(files) > 1 else str(files[0]), folder, max_voxels)
 
 
 def _read_picture(path: Path, max_voxels: int | None) -> ImageVolume:

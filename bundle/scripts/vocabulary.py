@@ -23,6 +23,7 @@ __all__ = [
     "MODALITIES",
     "LabelEntry",
     "ResolvedPrompt",
+    "SnomedCoding",
     "Vocabulary",
     "load_vocabulary",
     "lookup_key",
@@ -33,6 +34,17 @@ logger = logging.getLogger(__name__)
 DEFAULT_VOCABULARY_PATH = Path(__file__).resolve().parents[1] / "configs" / "vocabulary.json"
 MODALITIES = ("CT", "MR")
 _INDEX = re.compile(r"[+-]?[0-9]+")
+_SCTID = re.compile(r"[1-9][0-9]{5,17}")  # a SNOMED CT identifier: 6 to 18 digits
+
+
+@dataclass(frozen=True)
+class SnomedCoding:
+    """What a DICOM SEG segment says a label is: SNOMED CT (code, meaning) pairs for the segmented property's
+    category and type, and a laterality modifier where the type does not carry it (left/right kidney)."""
+
+    category: tuple[str, str]
+    type: tuple[str, str]
+    modifier: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +57,7 @@ class LabelEntry:
     modalities: tuple[str, ...]
     presets: dict[str, str] = field(hash=False)  # modality -> preset name
     aliases: tuple[str, ...] = ()
+    snomed: SnomedCoding | None = None  # None for labels SNOMED CT has no code for
 
 
 @dataclass(frozen=True)
@@ -215,7 +228,26 @@ def _entry(raw: Any, presets: dict[str, Any], path: Path) -> LabelEntry:
             raise _invalid(path, f"label {name!r} has a preset for {modality!r}, which is not among its modalities")
         if preset_name not in presets:
             raise _invalid(path, f"label {name!r} uses unknown preset {preset_name!r} for {modality}")
-    return LabelEntry(index, name, prompts, modalities, dict(preset), aliases)
+    snomed = _snomed(raw["snomed"], name, path) if "snomed" in raw else None
+    return LabelEntry(index, name, prompts, modalities, dict(preset), aliases, snomed)
+
+
+def _snomed(raw: Any, name: str, path: Path) -> SnomedCoding:
+    """``{"category": [code, meaning], "type": [...], "modifier": [...]}`` with well-formed SNOMED CT ids."""
+    if (
+        not isinstance(raw, dict)
+        or not {"category", "type"} <= set(raw)
+        or not set(raw) <= {"category", "type", "modifier"}
+    ):
+        raise _invalid(path, f"label {name!r}: 'snomed' needs 'category' and 'type' (and may have 'modifier')")
+    pairs = {}
+    for key, value in raw.items():
+        if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
+            raise _invalid(path, f"label {name!r}: snomed {key!r} must be [code, meaning], got {value!r}")
+        if not _SCTID.fullmatch(value[0]) or not value[1].strip():
+            raise _invalid(path, f"label {name!r}: snomed {key!r} {value!r} is not a SNOMED CT id and its meaning")
+        pairs[key] = (value[0], value[1])
+    return SnomedCoding(**pairs)
 
 
 def _texts(value: Any, what: str, path: Path) -> tuple[str, ...]:

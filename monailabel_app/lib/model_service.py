@@ -12,6 +12,7 @@ and the encoding cache is cleared because encodings depend on the weights.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import threading
 import time
@@ -24,9 +25,11 @@ import numpy as np
 from monai.bundle import ConfigParser
 
 from scripts.checkpoint import RANDOM_WEIGHTS, load_adaptation_file
+from scripts.dicom_seg import SegmentInfo, write_seg
 from scripts.encoding_cache import EncodingCache, image_key
 from scripts.image_io import ImageVolume, read_image, write_label
 from scripts.inference import SegmentationResult, VolumeSegmenter
+from scripts.intensity import guess_modality
 from scripts.label_numbering import client_values
 from scripts.model_builder import BUILDERS
 from scripts.network import MedSam3
@@ -40,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
+RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".dcm")  # .dcm: a DICOM SEG, for images from a DICOM series
 IMAGES_KEPT = 4  # images kept in memory after reading (keyed by path and modification time)
 IMAGE_BYTES_KEPT = 2**30  # ... and at most this many bytes of them
 
@@ -193,6 +196,10 @@ class ModelService:
                 self._images.popitem(last=False)
         return volume
 
+    def modality(self, image_path: str) -> str:
+        """ "CT" or "MR" as the intensities suggest (for files without DICOM tags)."""
+        return guess_modality(self._read(image_path).array)
+
     def check_limits(self, prompts: PromptSet) -> None:
         """Refuse requests bigger than the site allows (``--conf max_prompts``, ``max_points``) before any work."""
         for what, count, option in (
@@ -244,17 +251,37 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
-def write_result(label: np.ndarray, volume: ImageVolume, extension: str, dtype: str | None, compress: bool) -> str:
-    """Write a result label map to a temporary file the server sends back (and then deletes)."""
+def write_result(
+    label: np.ndarray,
+    volume: ImageVolume,
+    extension: str,
+    dtype: str | None,
+    compress: bool,
+    seg: tuple[Path | None, list[SegmentInfo]] = (None, []),
+) -> str:
+    """Write a result label map to a temporary file the server sends back (and then deletes); for ``.dcm`` a DICOM
+    SEG referencing ``seg``'s series folder, with its segments' names and codes."""
     if extension not in RESULT_EXTENSIONS:
         raise ValueError(f"result_extension must be one of {', '.join(RESULT_EXTENSIONS)}, got {extension!r}")
+    series, segments = seg
+    if extension == ".dcm" and series is None:
+        raise ValueError("result_extension .dcm (DICOM SEG) needs an image from a DICOM series: a PACS or a folder")
     # A folder of our own: a client on the same machine saves its copy under the same name in the temp folder,
     # and the server deletes its file once sent.
     folder = Path(tempfile.gettempdir()) / "medsam3_results"
     folder.mkdir(exist_ok=True)
     with tempfile.NamedTemporaryFile(suffix=extension, dir=folder, delete=False) as handle:
         path = handle.name
-    write_label(label, volume, path, dtype=dtype or None, compress=compress)
+    try:
+        if extension == ".dcm":
+            if not label.any():
+                raise ValueError("Nothing was segmented, and a DICOM SEG needs at least one segment")
+            write_seg(label, volume, series, segments, path)
+        else:
+            write_label(label, volume, path, dtype=dtype or None, compress=compress)
+    except BaseException:
+        os.unlink(path)
+        raise
     return path
 
 

@@ -32,7 +32,14 @@ ALIASES = {
 PER_RUN_IDS = {"imports", "bundle_root", "image", "datalist", "prompts", "points", "point_labels", "boxes", "device"}
 PER_RUN_IDS |= {"output_dir", "output_ext", "initialize", "run", "network", "network_def", "predictor", "inferer"}
 PER_RUN_IDS |= {"vocabulary"}
-MINIMUM = {"cache_mb": 0, "max_prompts": 1, "max_points": 1, "max_voxels": 1, "max_upload_mb": 1}
+MINIMUM = {
+    "cache_mb": 0,
+    "dicomweb_cache_seconds": 0,
+    "max_prompts": 1,
+    "max_points": 1,
+    "max_voxels": 1,
+    "max_upload_mb": 1,
+}
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,10 @@ class AppSettings:
     auth_secret_file: str = ""  # token signing key, created once; empty = <auth_users>.secret
     auth_token_minutes: int = 480  # how long a log-in token stays valid
     cors_origins: str = ""  # comma-separated web origins allowed to call the API; empty = same origin only
+    dicomweb_modalities: str = ""  # comma-separated modalities listed from a PACS; empty = every image series
+    dicomweb_cache_seconds: int = 30  # how long the PACS series list is reused before asking again
+    dicomweb_user: str = ""  # PACS user for --studies http(s)://...; empty = no credentials (or MONAI Label's env)
+    dicomweb_password_file: str = ""  # a file holding that user's password (kept off the command line)
     overrides: dict[str, Any] = field(default_factory=dict)  # inference.json id -> value
 
     @classmethod

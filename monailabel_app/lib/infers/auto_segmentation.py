@@ -14,7 +14,8 @@ from .request_fields import as_list, free_text
 
 
 class AutoSegmentation(Medsam3InferTask):
-    """Segments ``labels`` (names), ``label_prompt`` (indices) or free ``text``; all offered labels by default."""
+    """Segments ``labels`` (names), ``label_prompt`` (indices) or free ``text``; by default (nothing named, or an
+    empty ``label_prompt`` as OHIF's Class tab sends) the series' default set (:meth:`default_labels`)."""
 
     def __init__(self, service: ModelService, label_names: dict[str, int]) -> None:
         super().__init__(
@@ -27,8 +28,6 @@ class AutoSegmentation(Medsam3InferTask):
 
     def prompts(self, request: dict[str, Any]) -> PromptSet:
         indices = as_list(request.get("label_prompt"), "label_prompt")
-        if "label_prompt" in request and not indices:
-            raise ValueError("label_prompt is empty: give label indices, or leave it out to segment every label")
         texts = self.names_for(indices) + [str(n) for n in as_list(request.get("labels"), "labels")]
         texts += free_text(request)
-        return PromptSet.create(texts=list(dict.fromkeys(texts)) or list(self.labels))
+        return PromptSet.create(texts=list(dict.fromkeys(texts)) or self.default_labels(request))

@@ -14,11 +14,14 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.utils.app import app_instance
 
 from scripts.cancellation import Cancelled
+from scripts.dicom_seg import segments_for
 from scripts.inference import SegmentationResult
 from scripts.label_numbering import renumber, to_client_values
 from scripts.prompts import PromptSet
 
+from ..auto_labels import AutoLabels
 from ..datastore import readable_image
+from ..dicom_source import dicom_tags, source_series
 from ..model_service import ModelNotReady, ModelService, write_result
 from ..safe_paths import check_name
 
@@ -38,6 +41,7 @@ class Medsam3InferTask(InferTask):
     ) -> None:
         super().__init__(type=type, labels=labels, dimension=3, description=description, config=config)
         self.service = service
+        self.auto_labels = AutoLabels.load()
 
     def is_valid(self) -> bool:
         return True  # listed even when not ready, so /info can say why
@@ -53,6 +57,16 @@ class Medsam3InferTask(InferTask):
     @abstractmethod
     def prompts(self, request: dict[str, Any]) -> PromptSet:
         """The request's prompts, in the original image's voxel indices."""
+
+    def default_labels(self, request: dict[str, Any]) -> list[str]:
+        """What to segment when the client names nothing (OHIF's Auto, an empty ``label_prompt``): the set for the
+        series' modality and body part (:mod:`lib.auto_labels`), or every label the site chose with ``--conf
+        labels``. Without DICOM tags the modality is guessed from the intensities."""
+        image = str(request.get("image") or "")
+        modality, body_part = dicom_tags(image)
+        if not modality:
+            modality = self.service.modality(image)
+        return self.auto_labels.choose(list(self.labels), modality, body_part, bool(self.service.settings.labels))
 
     def names_for(self, indices: list) -> list[str]:
         """The task's label names for label values sent by a client (OHIF's ``label_prompt``)."""
@@ -83,9 +97,9 @@ class Medsam3InferTask(InferTask):
             label, label_names = self.output(result, request)
             compress = str(request.get("result_compress", True)).lower() not in ("false", "0")
             write_start = time.perf_counter()
-            path = write_result(
-                label, volume, request.get("result_extension") or ".nii.gz", request.get("result_dtype"), compress
-            )
+            seg = (source_series(image), segments_for(label_names, self.service.vocabulary))
+            extension = request.get("result_extension") or ".nii.gz"
+            path = write_result(label, volume, extension, request.get("result_dtype"), compress, seg)
         except ModelNotReady as error:
             raise HTTPException(status_code=503, detail=str(error)) from error
         except Cancelled as error:

@@ -14,7 +14,7 @@ VISTA3D_TYPE = "vista3d"
 
 
 class Vista3dPrompts(Medsam3InferTask):
-    """``label_prompt`` (vocabulary indices), ``points`` (voxel indices) and ``point_labels`` (1 fg, 0 bg)."""
+    """``label_prompt`` (the task's label values), ``points`` (voxel indices) and ``point_labels`` (1 fg, 0 bg)."""
 
     def __init__(self, service: ModelService, label_names: dict[str, int]) -> None:
         super().__init__(
@@ -27,9 +27,8 @@ class Vista3dPrompts(Medsam3InferTask):
 
     def prompts(self, request: dict[str, Any]) -> PromptSet:
         indices = as_list(request.get("label_prompt"), "label_prompt")
-        if "label_prompt" in request and not indices and not request.get("points"):
-            raise ValueError("label_prompt is empty: give label indices or points")
         points = as_list(request.get("points"), "points")
         labels = as_list(request.get("point_labels"), "point_labels")
-        texts = self.names_for(indices) or (list(self.labels) if not points else [])
+        # nothing named and no points (OHIF's Auto; its Class tab with nothing ticked): the series' default set
+        texts = self.names_for(indices) or (self.default_labels(request) if not points else [])
         return PromptSet.create(texts=texts, points=points or None, point_labels=labels or None)

@@ -33,6 +33,7 @@ from scripts.image_io import read_image
 from scripts.prompts import parse_flag
 
 from ..bundle_path import REPO_ROOT
+from ..label_info import names_by_value
 from ..published_weights import PublishedWeights, temp_name
 from ..settings import AppSettings
 from .publish_gate import publish_decision, served_dice
@@ -70,7 +71,7 @@ class FineTuning(TrainTask):
     def __init__(self, settings: AppSettings, label_values: dict[str, int], model_dir: Path) -> None:
         super().__init__("Fine-tune Medical SAM3 on the submitted labels (train.json with the app's preset)")
         self.settings = settings
-        self.names_by_value = {value: name for name, value in label_values.items()}
+        self.label_values = label_values
         self.model_dir = model_dir
         self.published = PublishedWeights(model_dir)
         self.config_files = [str(Path(settings.bundle) / "configs" / "train.json"), str(APP_PRESET)]
@@ -326,14 +327,9 @@ class FineTuning(TrainTask):
         return items, skipped
 
     def _label_names(self, label_info: Any) -> dict[str, str]:
-        """Slicer sends ``label_info`` [{"name": ...}] with voxel value i + 1 for the i-th entry; without it the
-        values are the app's own (those /info lists)."""
-        if isinstance(label_info, list) and label_info:
-            if not all(isinstance(entry, dict) for entry in label_info):
-                raise ValueError(f"label_info must be a list of {{'name': ...}} entries, got {label_info!r}")
-            named = {str(i): str(entry.get("name", "")).strip() for i, entry in enumerate(label_info, start=1)}
-        else:
-            named = {str(value): name for value, name in self.names_by_value.items()}
+        """The structures a submitted label holds, ``{voxel value: name}`` (:mod:`lib.label_info`), without
+        background and Slicer's default segment names."""
+        named = {str(value): name for value, name in names_by_value(label_info, self.label_values).items()}
         unnamed = sorted(name for name in named.values() if SLICER_DEFAULT_NAME.fullmatch(name))
         if unnamed:
             logger.warning("Not training segments with Slicer's default names %s: rename them to structures", unnamed)

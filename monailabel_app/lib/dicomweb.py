@@ -1,0 +1,177 @@
+"""A DICOMweb PACS (Orthanc, DCM4CHEE, Google Healthcare...) as the app's datastore (``--studies http(s)://...``).
+
+MONAI Label's DICOMweb datastore, with what a hospital needs changed:
+
+* every image series is listed (CT, MR, PT, ...), not only ``Modality=CT``; ``--conf dicomweb_modalities`` narrows it;
+* the series list is cached for ``--conf dicomweb_cache_seconds`` (30), not two hours, so new studies appear;
+* a downloaded series is checked (missing slices, uneven spacing, multi-frame, SR/SEG...) and converted by the
+  bundle's reader: a bad series is a 400 naming the problem, an unknown one a 404;
+* a final label goes to the PACS as a DICOM SEG whose segments carry the label names and their SNOMED CT codes
+  (:mod:`scripts.dicom_seg`), instead of ``Segment_N`` coded as spleen.
+
+PACS credentials: ``--conf dicomweb_user`` and ``--conf dicomweb_password_file`` (or MONAI Label's
+``MONAI_LABEL_DICOMWEB_USERNAME`` / ``MONAI_LABEL_DICOMWEB_PASSWORD``); OHIF's ``/proxy/dicom`` uses the same ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from dicomweb_client.session_utils import create_session_from_user_pass
+from monailabel.config import settings as monailabel_settings
+from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
+from monailabel.datastore.local import LocalDatastore
+from monailabel.datastore.utils.convert import binary_to_image
+from monailabel.datastore.utils.dicom import dicom_web_download_series, dicom_web_upload_dcm
+from monailabel.interfaces.datastore import DefaultLabelTag
+from monailabel.interfaces.exception import ImageNotFoundException
+
+from scripts.dicom_seg import segments_for, write_seg
+from scripts.image_io import read_image, write_image
+from scripts.vocabulary import Vocabulary
+
+from .label_info import names_by_value
+from .settings import AppSettings, names
+
+logger = logging.getLogger(__name__)
+
+# Series that hold no image to segment: segmentations, reports, presentation states, RT objects, documents.
+NOT_IMAGES = {"SEG", "SR", "KO", "PR", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "REG", "DOC", "OT", "PLAN"}
+SERIES_UID, MODALITY = "0020000E", "00080060"
+
+
+class PacsDatastore(DICOMWebDatastore):
+    """MONAI Label's DICOMweb datastore with image-only listing, a short cache, checked series and coded SEGs."""
+
+    def __init__(
+        self,
+        url: str,
+        settings: AppSettings,
+        label_values: dict[str, int],
+        vocabulary: Vocabulary,
+        cache_path: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.label_values = label_values
+        self.vocabulary = vocabulary
+        self.modalities = {m.upper() for m in names(settings.dicomweb_modalities)}
+        self._listing: tuple[float, list[str], dict[str, str]] = (float("-inf"), [], {})
+        self._lock = threading.Lock()
+        client = DICOMwebClientX(
+            url=url,
+            session=_session(settings),
+            qido_url_prefix=monailabel_settings.MONAI_LABEL_QIDO_PREFIX,
+            wado_url_prefix=monailabel_settings.MONAI_LABEL_WADO_PREFIX,
+            stow_url_prefix=monailabel_settings.MONAI_LABEL_STOW_PREFIX,
+        )
+        super().__init__(client, search_filter={}, cache_path=cache_path or None, fetch_by_frame=False)
+
+    def _series(self) -> tuple[list[str], dict[str, str]]:
+        """Image series UIDs and their modalities, asked again once ``dicomweb_cache_seconds`` have passed."""
+        with self._lock:
+            when, series, modality = self._listing
+            if time.monotonic() - when < self.settings.dicomweb_cache_seconds:
+                return series, modality
+            series, modality = [], {}
+            for found in self._client.search_for_series(search_filters={}, get_remaining=True):
+                uid = (found.get(SERIES_UID, {}).get("Value") or [""])[0]
+                kind = str((found.get(MODALITY, {}).get("Value") or [""])[0]).upper()
+                if uid and kind not in NOT_IMAGES and (not self.modalities or kind in self.modalities):
+                    series.append(uid)
+                    modality[uid] = kind
+            self._listing = (time.monotonic(), series, modality)
+            return series, modality
+
+    def list_images(self) -> list[str]:
+        return self._series()[0]
+
+    def get_labeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
+        """Series with a SEG in the PACS, asked each time (MONAI Label caches this for two hours)."""
+        return DICOMWebDatastore.get_labeled_images.__wrapped__(self, label_tag, labels)
+
+    def modality(self, image_id: str) -> str:
+        """The series' DICOM modality ("" when not listed)."""
+        return self._series()[1].get(image_id, "")
+
+    def get_image_uri(self, image_id: str) -> str:
+        """The series as a checked NIfTI in the cache (downloaded and converted once)."""
+        image_path = Path(self._datastore.image_path())
+        converted = image_path / f"{image_id}.nii.gz"
+        if converted.exists():
+            return str(converted)
+        if not _is_uid(image_id) or not self._client.search_for_series(search_filters={"SeriesInstanceUID": image_id}):
+            raise ImageNotFoundException(f"No series {image_id!r:.80} in the PACS")
+        series_dir = image_path / image_id
+        if not series_dir.is_dir() or not any(series_dir.iterdir()):
+            partial = Path(tempfile.mkdtemp(prefix=f".{image_id}.", dir=image_path))
+            try:
+                dicom_web_download_series(None, image_id, str(partial), self._client, False)
+                shutil.rmtree(series_dir, ignore_errors=True)
+                partial.rename(series_dir)  # never a half-downloaded series in the cache
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)
+        volume = read_image(series_dir, max_voxels=self.settings.max_voxels)  # ValueError (400) for a bad series
+        with tempfile.TemporaryDirectory() as work:
+            written = write_image(volume.array, volume, Path(work) / f"{image_id}.nii.gz")
+            LocalDatastore.add_image(self, image_id, str(written), self._dicom_info(image_id))
+        return str(converted)
+
+    def save_label(
+        self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any], label_id: str = ""
+    ) -> str:
+        """A final label also goes to the PACS as a SEG named and coded from ``label_info`` or the app's labels."""
+        image_uri = self.get_image_uri(image_id)
+        converted = ""
+        if "".join(Path(label_filename).suffixes) == ".bin":  # OHIF's raw uint8 upload
+            converted = label_filename = binary_to_image(image_uri, label_filename)
+        try:
+            if label_tag == DefaultLabelTag.FINAL:
+                label_info = {**label_info, **self._store_seg(image_id, label_filename, label_info)}
+            return LocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
+        finally:
+            if converted:
+                os.unlink(converted)
+
+    def _store_seg(self, image_id: str, label_filename: str, label_info: dict[str, Any]) -> dict[str, str]:
+        series_dir = Path(self._datastore.image_path()) / image_id
+        reference = read_image(series_dir, max_voxels=self.settings.max_voxels)
+        label = read_image(label_filename, max_voxels=self.settings.max_voxels)
+        if label.shape != reference.shape:
+            raise ValueError(f"The label's shape {label.shape} is not the series' {reference.shape}")
+        named = names_by_value(label_info.get("label_info"), self.label_values)
+        segments = segments_for({name: value for value, name in named.items()}, self.vocabulary)
+        with tempfile.TemporaryDirectory() as work:
+            seg = write_seg(label.array, reference, series_dir, segments, Path(work) / "seg.dcm")
+            seg_series = dicom_web_upload_dcm(str(seg), self._client)
+        info = self._dicom_info(image_id)
+        logger.info("Stored DICOM SEG %s for series %s in the PACS", seg_series, image_id)
+        return {"SeriesInstanceUID": seg_series, **{k: info[k] for k in ("Modality", "PatientID", "StudyInstanceUID")}}
+
+
+def _is_uid(text: str) -> bool:
+    return 0 < len(text) <= 64 and all(part.isdigit() for part in text.split("."))
+
+
+def _session(settings: AppSettings):
+    """An HTTP session with the PACS credentials, which MONAI Label's proxy for OHIF then uses too."""
+    user = settings.dicomweb_user or monailabel_settings.MONAI_LABEL_DICOMWEB_USERNAME
+    password = monailabel_settings.MONAI_LABEL_DICOMWEB_PASSWORD
+    if settings.dicomweb_password_file:
+        try:
+            password = Path(settings.dicomweb_password_file).read_text().strip()
+        except OSError as error:
+            raise ValueError(f"--conf dicomweb_password_file: cannot read it ({error})") from error
+    if not user:
+        return None
+    if not password:
+        raise ValueError("--conf dicomweb_user needs a password: --conf dicomweb_password_file <file>")
+    monailabel_settings.MONAI_LABEL_DICOMWEB_USERNAME = user
+    monailabel_settings.MONAI_LABEL_DICOMWEB_PASSWORD = password
+    return create_session_from_user_pass(user, password)
