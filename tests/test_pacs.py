@@ -128,6 +128,12 @@ def test_submitted_label_lands_in_the_pacs_as_a_coded_seg(chain: Chain) -> None:
     assert segments["liver"].SegmentedPropertyTypeCodeSequence[0].CodeValue == vocabulary.by_index[1].snomed.type[0]
     decoded = read_seg(stored, reference, {"liver": 1, "right kidney": 2})
     assert np.array_equal(decoded, mask)  # voxel for voxel, in the series' grid
+    kept = requests.get(
+        f"{chain.url}/datastore/label", params={"label": chain.series["mr"], "tag": "final"}, timeout=60
+    )
+    copy = chain.root / "kept_label.nii.gz"
+    copy.write_bytes(kept.content)
+    assert kept.status_code == 200 and np.array_equal(read_image(copy).array, mask)  # what fine-tuning reads
 
 
 def _uid(found: dict) -> str:

@@ -123,6 +123,14 @@ class PacsDatastore(DICOMWebDatastore):
             LocalDatastore.add_image(self, image_id, str(written), self._dicom_info(image_id))
         return str(converted)
 
+    def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
+        """A label submitted through this server from the cache, where it was kept with its ``label_info``;
+        otherwise MONAI Label's way (a SEG fetched from the PACS)."""
+        local = LocalDatastore.get_label_uri(self, label_id, label_tag)
+        if local and os.path.isfile(local):
+            return local
+        return super().get_label_uri(label_id, label_tag, image_id)
+
     def save_label(
         self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any], label_id: str = ""
     ) -> str:
