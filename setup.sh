@@ -12,8 +12,9 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
   exit 1
 fi
 
-# The PACS and browser tests use the real parts: Orthanc with DICOMweb, Chromium and its driver (Debian packages).
-debs=(orthanc orthanc-dicomweb chromium chromium-driver)
+# The PACS and browser tests use the real parts (Debian packages): Orthanc with DICOMweb, Chromium and its driver,
+# and dicom3tools' DICOM validator for the phantom's files.
+debs=(orthanc orthanc-dicomweb chromium chromium-driver dicom3tools)
 missing=()
 for deb in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$deb" 2>/dev/null | grep -q "install ok installed" || missing+=("$deb")

@@ -16,7 +16,18 @@ from scripts.model_builder import build_medsam3
 SCRIPTS = Path(__file__).resolve().parents[1] / "bundle" / "scripts"
 FLOORS = {
     0: {"dicom_series"},  # below image_io, which imports it
-    1: {"clicks", "prompts", "image_io", "intensity", "metrics", "adapters", "losses", "model_sizes", "cancellation"},
+    1: {
+        "clicks",
+        "prompts",
+        "image_io",
+        "intensity",
+        "metrics",
+        "adapters",
+        "losses",
+        "model_sizes",
+        "cancellation",
+        "phantom_dicom",
+    },
     2: {"timing", "cpu_compat", "click_training", "checkpoint", "vocabulary", "orientation", "phantom"},
     3: {"network", "label_numbering", "slices", "phantom_dataset", "dicom_seg"},
     4: {"model_builder", "predictor", "training_data"},

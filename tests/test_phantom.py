@@ -3,6 +3,8 @@ with the same geometry and the same physical content."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import nibabel as nib
@@ -184,6 +186,18 @@ def test_dicom_series_files(files, tmp_path: Path) -> None:
     write_phantom(tmp_path, "again", fmt="dicom", shape=(16, 16, 6))
     folder, _ = write_phantom(tmp_path, "again", fmt="dicom", shape=(16, 16, 4))  # rewriting leaves one series
     assert read_image(folder).array.shape == (16, 16, 4)
+
+
+@pytest.mark.skipif(not shutil.which("dciodvfy"), reason="dicom3tools' dciodvfy is not installed")
+@pytest.mark.parametrize(("kind", "geometry"), [("ct", {"orientation": "PSR"}), ("mr", {"tilt_deg": 15.0})])
+def test_dicom_files_have_every_attribute_their_iod_requires(tmp_path: Path, kind: str, geometry: dict) -> None:
+    """dicom3tools' validator (the reference IOD checker) finds no error: PACS, OHIF and dcmqi get real files."""
+    folder, _ = write_phantom(tmp_path, kind, kind, "dicom", shape=(16, 16, 3), **geometry)
+    picture, _ = write_phantom(tmp_path, f"{kind}_2d", kind, "dicom", ndim=2)
+    for path in (*sorted(folder.iterdir()), picture):
+        report = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+        errors = [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]
+        assert not errors, (path.name, errors)
 
 
 @pytest.mark.parametrize("kind", ["ct", "mr"])

@@ -20,7 +20,7 @@ from pydicom import uid
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-__all__ = ["check_series", "series_in_folder"]
+__all__ = ["NOT_IMAGES", "check_series", "series_in_folder"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ DECODABLE_SYNTAXES = frozenset(
     }
 )
 # Objects that are not images, by modality; SOP classes that say the same when the modality is wrong or missing.
-_NOT_IMAGES = {
+NOT_IMAGES = {
     "SEG": "a DICOM SEG (segmentation)",
     "SR": "a DICOM SR (structured report)",
     "KO": "a DICOM KO (key object selection)",
@@ -57,6 +57,10 @@ _NOT_IMAGES = {
     "RTSTRUCT": "a DICOM RTSTRUCT (RT structure set)",
     "REG": "a DICOM REG (registration)",
     "DOC": "an encapsulated document",
+    "RTPLAN": "a DICOM RT plan",
+    "RTDOSE": "a DICOM RT dose grid",
+    "RTRECORD": "a DICOM RT treatment record",
+    "PLAN": "a DICOM plan",
 }
 _CLASS_PREFIXES = {
     "1.2.840.10008.5.1.4.1.1.66.4": "SEG",
@@ -165,10 +169,10 @@ def _check_object(ds: Dataset, subject: str) -> None:
     meta = getattr(ds, "file_meta", Dataset())
     sop_class = str(ds.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", ""))
     modality = str(ds.get("Modality", "")).upper()
-    kind = modality if modality in _NOT_IMAGES else None
+    kind = modality if modality in NOT_IMAGES else None
     kind = kind or next((k for prefix, k in _CLASS_PREFIXES.items() if sop_class.startswith(prefix)), None)
     if kind or "Rows" not in ds or "Columns" not in ds:
-        what = _NOT_IMAGES[kind] if kind else "an object without pixel data"
+        what = NOT_IMAGES[kind] if kind else "an object without pixel data"
         raise ValueError(
             f"{subject} is {what} ({_uid_name(sop_class, 'no SOP class')}), not an image "
             "series; pick the image series it refers to (the CT or MR series of the same study)"

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from .image_io import ImageVolume, write_image, write_label
+from .phantom_dicom import dicom_slices
 
 __all__ = [
     "PHANTOM_LABELS",
@@ -278,7 +277,7 @@ def write_phantom(
         folder.mkdir(exist_ok=True)
         for stale in folder.glob("slice_*.dcm"):  # an earlier phantom's slices would form a second series
             stale.unlink()
-        for k, dataset in enumerate(_dicom_slices(volume, kind)):
+        for k, dataset in enumerate(dicom_slices(volume.array, volume.spacing, volume.origin, volume.direction, kind)):
             dataset.save_as(folder / f"slice_{k:04d}.dcm", write_like_original=False)
         return folder, write_label(label, volume, out / f"{name}_label.nii.gz")
     suffix = ".nii.gz" if fmt == "nifti" else ".nrrd"
@@ -336,43 +335,12 @@ def _write_2d(
     image_path, label_path = out / f"{name}{suffixes[0]}", out / f"{name}_label{suffixes[1]}"
     if fmt == "dicom":  # one frame: ITK index i runs along the columns (the patient's left, LPS x), j down the rows
         frame = ImageVolume(stored.T[..., None], (spacing[1], spacing[0], 1.0), (0.0, 0.0, 0.0), np.eye(3), image_path)
-        _dicom_slices(frame, kind)[0].save_as(image_path, write_like_original=False)
+        dicom_slices(frame.array, frame.spacing, frame.origin, frame.direction, kind)[0].save_as(
+            image_path, write_like_original=False
+        )
     else:
         write_image(picture if fmt == "png" else stored, reference, image_path)
     return image_path, write_label(label, reference, label_path)
-
-
-def _dicom_slices(volume: ImageVolume, kind: str) -> list[Dataset]:
-    """One DICOM dataset per k index of a right-handed volume: frame rows follow j, columns follow i."""
-    storage = CTImageStorage if kind == "ct" else MRImageStorage
-    intercept = -1024 if kind == "ct" else 0  # CT is stored as unsigned HU + 1024, as scanners do
-    study, series, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
-    direction, spacing = volume.direction, volume.spacing
-    datasets = []
-    for k in range(volume.array.shape[2]):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = storage, generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta, ds.is_little_endian, ds.is_implicit_VR = meta, True, False
-        ds.SOPClassUID, ds.SOPInstanceUID = storage, meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.PatientName, ds.PatientID = kind.upper(), "Phantom^Medsam3", "PHANTOM"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame_of_reference
-        ds.SeriesNumber, ds.InstanceNumber, ds.SeriesDescription = 1, k + 1, f"medsam3 {kind.upper()} phantom"
-        position = np.asarray(volume.origin) + k * spacing[2] * direction[:, 2]
-        ds.ImagePositionPatient = [round(float(p), 6) for p in position]
-        ds.ImageOrientationPatient = [round(float(c), 8) for c in (*direction[:, 0], *direction[:, 1])]
-        ds.PixelSpacing = [float(spacing[1]), float(spacing[0])]  # between rows (along j), between columns (i)
-        ds.SliceThickness = float(spacing[2])
-        ds.SliceLocation = float(position @ direction[:, 2])
-        pixels = volume.array[:, :, k].T.astype(np.int32) - intercept  # rows x columns
-        ds.Rows, ds.Columns = pixels.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.RescaleIntercept, ds.RescaleSlope = intercept, 1
-        ds.PixelData = np.clip(pixels, 0, 65535).astype("<u2").tobytes()
-        datasets.append(ds)
-    return datasets
 
 
 def main(argv: list[str] | None = None) -> None:
