@@ -34,6 +34,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import ImageNotFoundException
 
 from scripts.dicom_seg import segments_for, write_seg
+from scripts.dicom_series import NOT_IMAGES
 from scripts.image_io import read_image, write_image
 from scripts.vocabulary import Vocabulary
 
@@ -42,8 +43,6 @@ from .settings import AppSettings, names
 
 logger = logging.getLogger(__name__)
 
-# Series that hold no image to segment: segmentations, reports, presentation states, RT objects, documents.
-NOT_IMAGES = {"SEG", "SR", "KO", "PR", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "REG", "DOC", "OT", "PLAN"}
 SERIES_UID, MODALITY = "0020000E", "00080060"
 
 
