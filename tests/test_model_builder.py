@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import tiny_model
 
+from scripts.checkpoint import load_checkpoint
 from scripts.cpu_compat import device_fallbacks
 from scripts.model_builder import build_medsam3
 from scripts.model_sizes import MODEL_SIZES, bpe_vocabulary_path
@@ -67,9 +68,11 @@ def _setting_differences(ours: torch.nn.Module, reference: torch.nn.Module) -> d
 
 
 @pytest.mark.slow
-def test_base_has_the_released_sam3_checkpoint_layout_and_settings() -> None:
+def test_base_has_the_released_sam3_checkpoint_layout_and_settings(tmp_path) -> None:
     """Every key and shape of upstream's SAM3 video model (the layout of sam3.pt) exists in ours, and no other; every
-    constructor setting of every module is upstream's, except the differences listed in INTENDED with their reason."""
+    constructor setting of every module is upstream's, except the differences listed in INTENDED with their reason.
+    Files written from upstream's own model, as sam3.pt and as Medical SAM3's trainer and detector-only files, load
+    into ours bit for bit (the tiny tests cover the same formats with outputs, the 504-px layout and NaN)."""
     import sam3.model_builder as upstream
     from sam3.model.decoder import TransformerDecoder
     from sam3.model.position_encoding import PositionEmbeddingSine
@@ -98,6 +101,32 @@ def test_base_has_the_released_sam3_checkpoint_layout_and_settings() -> None:
     # The video wrapper's own settings (association, hot start, keep-alive): MULTI_OBJECT_VIDEO.
     multi_object = {key for key, (mine, _) in differences.items() if key[0] == "" and mine == "<absent>"}
     assert len(multi_object) > 20 and set(differences) - multi_object == set(INTENDED), differences
+
+    released = reference.state_dict()
+    for tensor in released.values():  # upstream leaves a few parameters torch.empty until weights are loaded
+        if tensor.is_floating_point():
+            tensor.nan_to_num_(0.0, 0.0, 0.0)
+    files = {
+        "sam3.pt": released,  # detector.* and tracker.*, as released
+        "trainer.pt": {"model": released, "optimizer": {"state": {}, "param_groups": []}, "epoch": 1, "steps": 10},
+        "detector.pt": {"model": {k.removeprefix("detector."): v for k, v in released.items() if _detector_only(k)}},
+    }
+    for name, content in files.items():  # each file overwrites what the one before loaded
+        torch.save(content, tmp_path / name)
+        with torch.no_grad():
+            for parameter in ours.parameters():  # unlike the file's, whatever loaded before
+                parameter.add_(1.0)
+        report = load_checkpoint(ours, tmp_path / name)
+        loaded = ours.state_dict()
+        expected = [k for k in released if name != "detector.pt" or _detector_only(k)]
+        assert report.interactive == (name != "detector.pt") and not report.unexpected, name
+        assert all(torch.equal(loaded[k], released[k]) for k in expected), name
+        (tmp_path / name).unlink()
+
+
+def _detector_only(key: str) -> bool:
+    """A key Medical SAM3's detector-only file has: the detector's, without the tracker's neck (sam2_convs)."""
+    return key.startswith("detector.") and "sam2_convs" not in key
 
 
 def test_tiny_is_deterministic_per_seed() -> None:
