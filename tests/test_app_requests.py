@@ -83,7 +83,7 @@ def test_auto_label_sets(tmp_path) -> None:
     assert auto.choose(["heart"], "MR", "HEAD") == ["heart"]  # none of the set offered: what is offered
     assert auto.choose(offered, "CT", all_offered=True) == offered  # the site chose them with --conf labels
     folder, _ = write_phantom(tmp_path, "dicom", fmt="dicom", shape=(8, 8, 3))
-    assert dicom_tags(str(folder)) == ("CT", "")
+    assert dicom_tags(str(folder)) == ("CT", "ABDOMEN")  # as the phantom writes it
     for path in sorted(folder.iterdir()):
         header = pydicom.dcmread(str(path))
         header.BodyPartExamined = "CHEST"

@@ -63,6 +63,7 @@ class PacsDatastore(DICOMWebDatastore):
         self.modalities = {m.upper() for m in names(settings.dicomweb_modalities)}
         self._listing: tuple[float, list[str], dict[str, str]] = (float("-inf"), [], {})
         self._lock = threading.Lock()
+        self._fetching = threading.Lock()
         client = DICOMwebClientX(
             url=url,
             session=_session(settings),
@@ -100,11 +101,16 @@ class PacsDatastore(DICOMWebDatastore):
         return self._series()[1].get(image_id, "")
 
     def get_image_uri(self, image_id: str) -> str:
-        """The series as a checked NIfTI in the cache (downloaded and converted once)."""
-        image_path = Path(self._datastore.image_path())
-        converted = image_path / f"{image_id}.nii.gz"
-        if converted.exists():
-            return str(converted)
+        """The series as a checked NIfTI in the cache (downloaded and converted once; one fetch at a time, since
+        requests run in parallel threads and two clicks on a new series would otherwise fetch it twice)."""
+        converted = Path(self._datastore.image_path()) / f"{image_id}.nii.gz"
+        with self._fetching:
+            if not converted.exists():
+                self._fetch(image_id, converted)
+        return str(converted)
+
+    def _fetch(self, image_id: str, converted: Path) -> None:
+        image_path = converted.parent
         if not _is_uid(image_id) or not self._client.search_for_series(search_filters={"SeriesInstanceUID": image_id}):
             raise ImageNotFoundException(f"No series {image_id!r:.80} in the PACS")
         series_dir = image_path / image_id
@@ -120,7 +126,6 @@ class PacsDatastore(DICOMWebDatastore):
         with tempfile.TemporaryDirectory() as work:
             written = write_image(volume.array, volume, Path(work) / f"{image_id}.nii.gz")
             LocalDatastore.add_image(self, image_id, str(written), self._dicom_info(image_id))
-        return str(converted)
 
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
         """A label submitted through this server from the cache, where it was kept with its ``label_info``;
