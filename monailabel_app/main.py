@@ -100,6 +100,8 @@ class Medsam3App(MONAILabelApp):
         wanted = names(self.settings.scoring_labels)
         if not wanted:
             return {}
+        if self.studies.startswith(("http://", "https://")):  # it would fetch every series of the PACS
+            raise ValueError("--conf scoring_labels is not supported with a PACS (--studies http...): leave it out")
         return {"medsam3_uncertainty": UncertaintyScoring(self.service, list(self.service.offered_labels(wanted)))}
 
     def on_init_complete(self) -> None:

@@ -79,7 +79,10 @@ def test_trainer_reads_slicer_label_names(tmp_path) -> None:
         if name == "e":  # a save cut short: the file is there but unreadable
             label.write_bytes(label.read_bytes()[:100])
         datastore.save_label(name, str(label), "final", info.get(name, {}))
-    found, skipped = trainer._items(datastore)
+    elsewhere = type(
+        "Pacs", (LocalDatastore,), {"get_labeled_images": lambda self, *a: ["f", *datastore.get_labeled_images()]}
+    )
+    found, skipped = trainer._items(elsewhere(str(studies), extensions=("*.nii.gz",)))  # "f": a PACS SEG made elsewhere
     items = {Path(item["image"]).name: item for item in found}
     assert items["a.nii.gz"]["labels"] == {"1": "spleen", "3": "aorta"}
     assert items["b.nii.gz"]["labels"] == {"1": "liver", "2": "spleen"}
@@ -87,7 +90,8 @@ def test_trainer_reads_slicer_label_names(tmp_path) -> None:
     assert "d.nii.gz" not in items and "e.nii.gz" not in items
     assert Path(items["b.nii.gz"]["label"]).is_file()
     reasons = {entry["image"]: entry["reason"] for entry in skipped}
-    assert sorted(reasons) == ["d", "e"] and "label_info" in reasons["d"] and "Cannot read image" in reasons["e"]
+    assert sorted(reasons) == ["d", "e", "f"] and "label_info" in reasons["d"] and "Cannot read image" in reasons["e"]
+    assert reasons["f"] == "its label was not submitted through this server"
 
 
 def test_validation_split() -> None:

@@ -172,6 +172,30 @@ def test_non_image_series_are_not_listed_nor_segmented(chain: Chain) -> None:
     assert unknown.status_code == 404 and "No series" in unknown.json()["detail"]
 
 
+def test_ids_are_series_uids_never_paths(chain: Chain) -> None:
+    """A client's image id names a file in the cache: a path, or anything but a UID, is not found; labels go to
+    the tag's own folder; images come from the PACS, not from uploads."""
+    outside = chain.root / "secret.nii.gz"
+    outside.write_bytes(chain.labels["ct"].read_bytes())
+    for image in (str(outside).removesuffix(".nii.gz"), "../../secret", "1.2.3", "１.２"):
+        answer = requests.get(f"{chain.url}/datastore/image", params={"image": image}, timeout=30)
+        assert answer.status_code == 404, (image, answer.status_code)
+    label = {"label": ("l.nii.gz", chain.labels["ct"].read_bytes())}
+    escape = requests.put(
+        f"{chain.url}/datastore/label", params={"image": chain.series["ct"], "tag": "../../escaped"}, files=label
+    )
+    assert escape.status_code == 400 and not list(chain.root.rglob("escaped*")), escape.text
+    wrong_grid = requests.put(
+        f"{chain.url}/datastore/label",
+        params={"image": chain.series["ct"], "tag": "final"},
+        files={"label": ("l.nii.gz", chain.labels["mr"].read_bytes())},
+    )
+    assert wrong_grid.status_code == 400 and "not on the series' grid" in wrong_grid.text, wrong_grid.text
+    image = {"file": ("x.nii.gz", chain.labels["ct"].read_bytes())}
+    upload = requests.put(f"{chain.url}/datastore/image", params={"image": "x"}, files=image, timeout=30)
+    assert upload.status_code == 400 and "store them there" in upload.text, upload.text
+
+
 def test_empty_label_prompt_runs_the_default_set(chain: Chain) -> None:
     """OHIF's Class tab with nothing ticked, and its Auto: the CT set among the offered labels, not a 400."""
     client = MONAILabelClient(chain.url)

@@ -44,13 +44,19 @@ class SegmentInfo:
     color: tuple[int, int, int] = (128, 174, 128)
 
 
+# Distinct display colours, by label value, so the segments of one SEG can be told apart in a viewer.
+PALETTE = [(216, 101, 79), (157, 108, 162), (185, 102, 83), (221, 130, 101), (241, 214, 145), (177, 122, 101)]
+PALETTE += [(111, 184, 210), (244, 214, 49), (0, 151, 206), (183, 156, 220), (183, 214, 211), (152, 189, 207)]
+
+
 def segments_for(values: dict[str, int], vocabulary: Vocabulary) -> list[SegmentInfo]:
     """Segments for ``{name: label value}``: vocabulary codes where the name is a known label, else generic."""
     segments = []
     for name, value in sorted(values.items(), key=lambda item: item[1]):
         resolved = vocabulary.resolve(name)
         entry = vocabulary.by_index.get(resolved.index) if resolved.known else None
-        segments.append(SegmentInfo(int(value), name, (entry.snomed if entry else None) or GENERIC))
+        color = PALETTE[(int(value) - 1) % len(PALETTE)]
+        segments.append(SegmentInfo(int(value), name, (entry.snomed if entry else None) or GENERIC, color))
     return segments
 
 
@@ -80,9 +86,9 @@ def write_seg(
         meta = Path(work) / "meta.json"
         meta.write_text(json.dumps(_metadata(wanted, series_description)))
         command = [tool, "--inputImageList", str(image), "--inputDICOMDirectory", str(series_dir)]
-        command += ["--outputDICOM", str(output), "--inputMetadata", str(meta), "--skip", "0"]
+        command += ["--outputDICOM", str(output), "--inputMetadata", str(meta)]  # empty slices are not stored
         done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    if done.returncode != 0 or not Path(output).exists():
+    if done.returncode != 0 or not Path(output).is_file() or Path(output).stat().st_size == 0:
         detail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         raise ValueError(f"Could not write a DICOM SEG for {series_dir}: {' '.join(detail)}")
     logger.info("Wrote DICOM SEG %s (%d segments)", output, len(wanted))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from dicomweb_client.session_utils import create_session_from_user_pass
 from monailabel.config import settings as monailabel_settings
 from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
@@ -31,7 +33,7 @@ from monailabel.datastore.local import LocalDatastore
 from monailabel.datastore.utils.convert import binary_to_image
 from monailabel.datastore.utils.dicom import dicom_web_download_series, dicom_web_upload_dcm
 from monailabel.interfaces.datastore import DefaultLabelTag
-from monailabel.interfaces.exception import ImageNotFoundException
+from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
 
 from scripts.dicom_seg import segments_for, write_seg
 from scripts.dicom_series import NOT_IMAGES
@@ -39,11 +41,13 @@ from scripts.image_io import read_image, write_image
 from scripts.vocabulary import Vocabulary
 
 from .label_info import names_by_value
+from .safe_paths import check_name
 from .settings import AppSettings, names
 
 logger = logging.getLogger(__name__)
 
 SERIES_UID, MODALITY = "0020000E", "00080060"
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
 class PacsDatastore(DICOMWebDatastore):
@@ -61,9 +65,10 @@ class PacsDatastore(DICOMWebDatastore):
         self.label_values = label_values
         self.vocabulary = vocabulary
         self.modalities = {m.upper() for m in names(settings.dicomweb_modalities)}
-        self._listing: tuple[float, list[str], dict[str, str]] = (float("-inf"), [], {})
+        self._listing: tuple[float, list[str]] = (float("-inf"), [])
+        self._labelled: tuple[float, list[str]] = (float("-inf"), [])
         self._lock = threading.Lock()
-        self._fetching = threading.Lock()
+        self._fetching: dict[str, threading.Lock] = {}  # one lock per series being fetched
         client = DICOMwebClientX(
             url=url,
             session=_session(settings),
@@ -73,45 +78,55 @@ class PacsDatastore(DICOMWebDatastore):
         )
         super().__init__(client, search_filter={}, cache_path=cache_path or None, fetch_by_frame=False)
 
-    def _series(self) -> tuple[list[str], dict[str, str]]:
-        """Image series UIDs and their modalities, asked again once ``dicomweb_cache_seconds`` have passed."""
-        with self._lock:
-            when, series, modality = self._listing
-            if time.monotonic() - when < self.settings.dicomweb_cache_seconds:
-                return series, modality
-            series, modality = [], {}
-            for found in self._client.search_for_series(search_filters={}, get_remaining=True):
-                uid = (found.get(SERIES_UID, {}).get("Value") or [""])[0]
-                kind = str((found.get(MODALITY, {}).get("Value") or [""])[0]).upper()
-                if uid and kind not in NOT_IMAGES and (not self.modalities or kind in self.modalities):
-                    series.append(uid)
-                    modality[uid] = kind
-            self._listing = (time.monotonic(), series, modality)
-            return series, modality
+    def _fresh(self, cached: tuple[float, list[str]]) -> bool:
+        return time.monotonic() - cached[0] < self.settings.dicomweb_cache_seconds
 
     def list_images(self) -> list[str]:
-        return self._series()[0]
+        """Image series UIDs, asked again once ``dicomweb_cache_seconds`` have passed."""
+        with self._lock:
+            if self._fresh(self._listing):
+                return self._listing[1]
+        series = []
+        for found in self._client.search_for_series(search_filters={}, get_remaining=True):
+            uid = (found.get(SERIES_UID, {}).get("Value") or [""])[0]
+            kind = str((found.get(MODALITY, {}).get("Value") or [""])[0]).upper()
+            if uid and kind not in NOT_IMAGES and (not self.modalities or kind in self.modalities):
+                series.append(uid)
+        with self._lock:
+            self._listing = (time.monotonic(), series)
+        return series
 
     def get_labeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
-        """Series with a SEG in the PACS, asked each time (MONAI Label caches this for two hours)."""
-        return DICOMWebDatastore.get_labeled_images.__wrapped__(self, label_tag, labels)
+        """Series with a SEG in the PACS (one metadata request per SEG), cached as the series list is."""
+        with self._lock:
+            if self._fresh(self._labelled):
+                return self._labelled[1]
+        labelled = DICOMWebDatastore.get_labeled_images.__wrapped__(self, label_tag, labels)
+        with self._lock:
+            self._labelled = (time.monotonic(), labelled)
+        return labelled
 
-    def modality(self, image_id: str) -> str:
-        """The series' DICOM modality ("" when not listed)."""
-        return self._series()[1].get(image_id, "")
+    def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        raise ValueError("Images come from the PACS: store them there (this server only reads them)")
 
     def get_image_uri(self, image_id: str) -> str:
         """The series as a checked NIfTI in the cache (downloaded and converted once; one fetch at a time, since
         requests run in parallel threads and two clicks on a new series would otherwise fetch it twice)."""
+        if not _is_uid(image_id):  # never a path: the id names a file in the cache
+            raise ImageNotFoundException(f"{image_id!r:.80} is not a SeriesInstanceUID")
         converted = Path(self._datastore.image_path()) / f"{image_id}.nii.gz"
-        with self._fetching:
+        if converted.exists():
+            return str(converted)
+        with self._lock:
+            fetching = self._fetching.setdefault(image_id, threading.Lock())
+        with fetching:
             if not converted.exists():
                 self._fetch(image_id, converted)
         return str(converted)
 
     def _fetch(self, image_id: str, converted: Path) -> None:
         image_path = converted.parent
-        if not _is_uid(image_id) or not self._client.search_for_series(search_filters={"SeriesInstanceUID": image_id}):
+        if not self._client.search_for_series(search_filters={"SeriesInstanceUID": image_id}):
             raise ImageNotFoundException(f"No series {image_id!r:.80} in the PACS")
         series_dir = image_path / image_id
         if not series_dir.is_dir() or not any(series_dir.iterdir()):
@@ -126,6 +141,8 @@ class PacsDatastore(DICOMWebDatastore):
         with tempfile.TemporaryDirectory() as work:
             written = write_image(volume.array, volume, Path(work) / f"{image_id}.nii.gz")
             LocalDatastore.add_image(self, image_id, str(written), self._dicom_info(image_id))
+        if not converted.exists():  # MONAI Label names the copy after the id and the file's extension
+            raise RuntimeError(f"The converted series {image_id} was not stored at {converted}")
 
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
         """A label submitted through this server from the cache, where it was kept with its ``label_info``;
@@ -133,12 +150,15 @@ class PacsDatastore(DICOMWebDatastore):
         local = LocalDatastore.get_label_uri(self, label_id, label_tag)
         if local and os.path.isfile(local):
             return local
+        if not _is_uid(label_id):
+            raise LabelNotFoundException(f"No label {label_id!r:.80}: a PACS label is a SEG's SeriesInstanceUID")
         return super().get_label_uri(label_id, label_tag, image_id)
 
     def save_label(
         self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any], label_id: str = ""
     ) -> str:
         """A final label also goes to the PACS as a SEG named and coded from ``label_info`` or the app's labels."""
+        check_name(label_tag, "label_tag")  # a folder name in the cache
         image_uri = self.get_image_uri(image_id)
         converted = ""
         if "".join(Path(label_filename).suffixes) == ".bin":  # OHIF's raw uint8 upload
@@ -155,8 +175,19 @@ class PacsDatastore(DICOMWebDatastore):
         series_dir = Path(self._datastore.image_path()) / image_id
         reference = read_image(series_dir, max_voxels=self.settings.max_voxels)
         label = read_image(label_filename, max_voxels=self.settings.max_voxels)
-        if label.shape != reference.shape:
-            raise ValueError(f"The label's shape {label.shape} is not the series' {reference.shape}")
+        same_grid = label.shape == reference.shape and all(
+            np.allclose(a, b, atol=1e-3)
+            for a, b in zip(
+                (label.spacing, label.origin, label.direction),
+                (reference.spacing, reference.origin, reference.direction),
+                strict=True,
+            )
+        )
+        if not same_grid:
+            raise ValueError(
+                f"The label is not on the series' grid (shape {label.shape}, spacing {label.spacing}, origin "
+                f"{label.origin}; the series: {reference.shape}, {reference.spacing}, {reference.origin})"
+            )
         named = names_by_value(label_info.get("label_info"), self.label_values)
         segments = segments_for({name: value for value, name in named.items()}, self.vocabulary)
         with tempfile.TemporaryDirectory() as work:
@@ -168,7 +199,8 @@ class PacsDatastore(DICOMWebDatastore):
 
 
 def _is_uid(text: str) -> bool:
-    return 0 < len(text) <= 64 and all(part.isdigit() for part in text.split("."))
+    """A DICOM UID: ASCII digits in dot-separated parts, at most 64 characters."""
+    return isinstance(text, str) and len(text) <= 64 and bool(_UID.fullmatch(text))
 
 
 def _session(settings: AppSettings):
@@ -181,6 +213,8 @@ def _session(settings: AppSettings):
         except OSError as error:
             raise ValueError(f"--conf dicomweb_password_file: cannot read it ({error})") from error
     if not user:
+        if settings.dicomweb_password_file:
+            raise ValueError("--conf dicomweb_password_file needs --conf dicomweb_user")
         return None
     if not password:
         raise ValueError("--conf dicomweb_user needs a password: --conf dicomweb_password_file <file>")

@@ -302,6 +302,10 @@ class FineTuning(TrainTask):
         items, skipped = [], []
         for image_id in sorted(datastore.get_labeled_images(DefaultLabelTag.FINAL)):
             label_id = datastore.get_label_by_image_id(image_id, DefaultLabelTag.FINAL)
+            if not label_id:  # a PACS SEG made elsewhere: no label_info to say what its values are
+                skipped.append({"image": image_id, "reason": "its label was not submitted through this server"})
+                logger.warning("Skipping %s: its label was not submitted through this server", image_id)
+                continue
             info = datastore.get_label_info(label_id, DefaultLabelTag.FINAL)
             label_path = datastore.get_label_uri(label_id, DefaultLabelTag.FINAL)
             try:
