@@ -65,7 +65,8 @@ def server_process(root: Path, folder: Path, port: int, *conf: str) -> Iterator[
             if process.poll() is not None:
                 raise RuntimeError(f"server exited: {(root / 'server.log').read_text()[-3000:]}")
             try:
-                if requests.get(f"{url}/info/", timeout=5).status_code in (200, 401):  # 401: up, with auth_users
+                # 401: up, with auth_users; 502: up, its PACS down
+                if requests.get(f"{url}/info/", timeout=5).status_code in (200, 401, 502):
                     break
             except requests.ConnectionError:
                 time.sleep(1)

@@ -201,3 +201,16 @@ def test_empty_label_prompt_runs_the_default_set(chain: Chain) -> None:
     client = MONAILabelClient(chain.url)
     _, result = client.infer("medsam3_vista3d", chain.series["ct"], {"label_prompt": [], "result_extension": ".nrrd"})
     assert [row["name"] for row in result["labels"]] == AutoLabels.load().names("CT")  # the abdominal CT set
+
+
+def test_a_pacs_that_does_not_answer_is_a_502(tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/dicom-web"  # nothing listens there
+    for url, _ in server_process(
+        tmp_path, dead, free_port(), "--conf", "model_size", "tiny", "--conf", "ckpt_path", "random"
+    ):
+        stats = requests.get(f"{url}/datastore/?output=stats", timeout=60)
+        infer = requests.post(f"{url}/infer/medsam3_auto?image=1.2.3", data={"params": "{}"}, timeout=60)
+        info = requests.get(f"{url}/info/", timeout=60)  # Slicer's connect: lists the datastore too
+        for answer in (stats, infer, info):
+            assert answer.status_code == 502 and "The PACS did not answer" in answer.json()["detail"], answer.text
+        assert requests.get(f"{url}/docs", timeout=10).status_code == 200  # still serving

@@ -76,6 +76,9 @@ class PacsDatastore(DICOMWebDatastore):
             wado_url_prefix=monailabel_settings.MONAI_LABEL_WADO_PREFIX,
             stow_url_prefix=monailabel_settings.MONAI_LABEL_STOW_PREFIX,
         )
+        # dicomweb_client retries any failure 5 times with back-off (about 30 s): a PACS that is down would hang every
+        # request; one retry after 0.25 s covers a busy PACS's 503, then the client gets a 502 (lib/errors.py).
+        client.set_http_retry_params(max_attempts=2, wait_exponential_multiplier=250)
         super().__init__(client, search_filter={}, cache_path=cache_path or None, fetch_by_frame=False)
 
     def _fresh(self, cached: tuple[float, list[str]]) -> bool:

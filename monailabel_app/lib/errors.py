@@ -11,6 +11,7 @@ import logging
 import traceback
 from pathlib import Path
 
+import requests
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from monailabel.interfaces.exception import (
@@ -55,6 +56,13 @@ async def _malformed(request: Request, error: Exception) -> JSONResponse:
     return JSONResponse(status_code=400, content={"detail": f"Malformed request: {error}"})
 
 
+async def _pacs_unreachable(request: Request, error: requests.RequestException) -> JSONResponse:
+    """The server's only outgoing HTTP is to the PACS (``--studies http...``): when it fails, say so (502)."""
+    logger.error("%s %s: the PACS did not answer: %s", request.method, request.url.path, error)
+    detail = f"The PACS did not answer ({type(error).__name__}): check that it runs and that --studies points at it"
+    return JSONResponse(status_code=502, content={"detail": detail})
+
+
 def _raised_by_endpoint(error: BaseException) -> bool:
     frames = traceback.extract_tb(error.__traceback__)
     return bool(frames) and Path(frames[-1].filename).parent.name == "endpoints" and "monailabel" in frames[-1].filename
@@ -69,4 +77,5 @@ def install_error_handlers() -> None:
     server.add_exception_handler(RecursionError, _too_deep)
     server.add_exception_handler(TypeError, _malformed)
     server.add_exception_handler(AttributeError, _malformed)
+    server.add_exception_handler(requests.RequestException, _pacs_unreachable)
     server.middleware_stack = None  # Starlette builds the stack once; force a rebuild that includes our handlers
