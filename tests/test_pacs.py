@@ -20,11 +20,14 @@ import pydicom
 import pytest
 import requests
 from monailabel.client import MONAILabelClient
+from monailabel.config import settings as monailabel_settings
 from monailabel_server import REPO, free_port, server_process
 from orthanc import USER, Pacs, available, run_orthanc
 
 sys.path.insert(0, str(REPO / "monailabel_app"))
 from lib.auto_labels import AutoLabels  # noqa: E402
+from lib.dicomweb import PacsDatastore  # noqa: E402
+from lib.settings import AppSettings  # noqa: E402
 
 from scripts.dicom_seg import read_seg
 from scripts.image_io import read_image, write_label
@@ -82,6 +85,20 @@ def test_every_image_series_is_listed_and_new_ones_appear(chain: Chain) -> None:
     while _total(chain.url) != 3 and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _total(chain.url) == 3  # seen within the cache time (1 s here), not after two hours
+
+
+def test_modalities_option_narrows_the_list(chain: Chain, tmp_path: Path, monkeypatch) -> None:
+    """``--conf dicomweb_modalities MR``: only MR series are listed (the datastore the app builds, in this process)."""
+    for name in ("MONAI_LABEL_DICOMWEB_USERNAME", "MONAI_LABEL_DICOMWEB_PASSWORD"):  # the app sets them for the proxy
+        monkeypatch.setattr(monailabel_settings, name, "")
+    password = tmp_path / "password"
+    password.write_text(chain.pacs.auth[1])
+    conf = {"dicomweb_user": USER, "dicomweb_password_file": str(password), "dicomweb_modalities": "mr"}
+    store = PacsDatastore(chain.pacs.dicomweb, AppSettings.from_conf(conf), {}, load_vocabulary(), str(tmp_path))
+    assert store.list_images() == [chain.series["mr"]]
+    monkeypatch.setattr(monailabel_settings, "MONAI_LABEL_DICOMWEB_USERNAME", "")
+    with pytest.raises(ValueError, match="dicomweb_password_file needs --conf dicomweb_user"):
+        PacsDatastore(chain.pacs.dicomweb, AppSettings.from_conf({"dicomweb_password_file": str(password)}), {}, None)
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

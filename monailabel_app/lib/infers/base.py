@@ -97,8 +97,13 @@ class Medsam3InferTask(InferTask):
             label, label_names = self.output(result, request)
             compress = str(request.get("result_compress", True)).lower() not in ("false", "0")
             write_start = time.perf_counter()
-            seg = (source_series(image), segments_for(label_names, self.service.vocabulary))
             extension = request.get("result_extension") or ".nii.gz"
+            # a DICOM SEG result needs the source series and the segments' codes; other formats need neither
+            seg = (
+                (source_series(image), segments_for(label_names, self.service.vocabulary))
+                if extension == ".dcm"
+                else (None, [])
+            )
             path = write_result(label, volume, extension, request.get("result_dtype"), compress, seg)
         except ModelNotReady as error:
             raise HTTPException(status_code=503, detail=str(error)) from error
