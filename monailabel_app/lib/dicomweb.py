@@ -113,8 +113,9 @@ class PacsDatastore(DICOMWebDatastore):
         raise ValueError("Images come from the PACS: store them there (this server only reads them)")
 
     def get_image_uri(self, image_id: str) -> str:
-        """The series as a checked NIfTI in the cache (downloaded and converted once; one fetch at a time, since
-        requests run in parallel threads and two clicks on a new series would otherwise fetch it twice)."""
+        """The series as a checked NIfTI in the cache, downloaded and converted once: requests run in parallel
+        threads, so one lock per series keeps two clicks on a new series from fetching it twice while other series
+        are served."""
         if not _is_uid(image_id):  # never a path: the id names a file in the cache
             raise ImageNotFoundException(f"{image_id!r:.80} is not a SeriesInstanceUID")
         converted = Path(self._datastore.image_path()) / f"{image_id}.nii.gz"
