@@ -1,11 +1,13 @@
 """Benchmark: cost of text-prompted inference against the number of labels (1, 4, 16, all), as JSON (device named).
 
-    .venv/bin/python bench/bench_labels.py --model_size tiny --output bench/results/labels_tiny_cpu.json   # CPU
-    .venv/bin/python bench/bench_labels.py --model_size base --slices 300 --size 512 --batch_size 32       # GPU
+    .venv/bin/python bench/bench_labels.py --output bench/results/labels_tiny_cpu.json              # CPU, demo model
+    .venv/bin/python bench/bench_labels.py --model_size base --ckpt_path <model.pt> --slices 300 --size 512 \
+        --batch_size 32                                                                           # GPU
 
 Each count segments the same phantom with that many vocabulary labels in one request (labels sharing an intensity
 preset share an encoding and run through the heads together). Times are the result's own stage timings; ratios are
-to the 1-label time, so a busy machine's slowness cancels out.
+to the 1-label time, so a busy machine's slowness cancels out. Trained weights matter: the mask head runs only for
+(label, slice) pairs the presence score lets through, and random weights let through an arbitrary share.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ import torch
 from bench_inference import device_name
 from report import emit
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "bundle" / "models" / "demo_tiny.pt"
+sys.path.insert(0, str(REPO / "bundle"))
 
+from scripts.checkpoint import load_checkpoint  # noqa: E402
 from scripts.image_io import read_image  # noqa: E402
 from scripts.inference import VolumeSegmenter  # noqa: E402
 from scripts.model_builder import build_medsam3  # noqa: E402
@@ -33,6 +38,7 @@ from scripts.vocabulary import load_vocabulary  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_size", default="tiny")
+    parser.add_argument("--ckpt_path", default=str(DEMO), help="weights (default: the demo model), or 'random'")
     parser.add_argument("--slices", type=int, default=64)
     parser.add_argument("--size", type=int, default=96, help="in-plane size of the synthetic CT")
     parser.add_argument("--batch_size", type=int, default=8)
@@ -42,9 +48,10 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vocabulary = load_vocabulary()
-    segmenter = VolumeSegmenter(
-        Medsam3Predictor(build_medsam3(args.model_size, device=device), batch_size=args.batch_size), vocabulary
-    )
+    model = build_medsam3(args.model_size, device=device)
+    if args.ckpt_path != "random":
+        load_checkpoint(model, args.ckpt_path)
+    segmenter = VolumeSegmenter(Medsam3Predictor(model, batch_size=args.batch_size), vocabulary)
     names = [entry.name for entry in vocabulary]
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,6 +77,7 @@ def main() -> None:
             "benchmark": "text-prompted inference against the number of labels",
             "device": device_name(device),
             "model_size": args.model_size,
+            "weights": Path(args.ckpt_path).name,
             "volume": [args.size, args.size, args.slices],
             "batch_size": args.batch_size,
             "labels": rows,

@@ -18,7 +18,7 @@ from scripts.click_training import (
 from scripts.clicks import next_click
 from scripts.cpu_compat import device_fallbacks
 from scripts.model_sizes import MODEL_SIZES
-from scripts.network import MedSam3, empty_geometry, find_stage
+from scripts.network import MedSam3, find_stage
 from scripts.predictor import Medsam3Predictor
 
 CPU = torch.device("cpu")
@@ -196,7 +196,7 @@ def test_forward_without_click_targets_is_the_detector_path() -> None:
             backbone_out=backbone_out,
             find_input=find_stage(img_ids, text_ids),
             find_target=None,
-            geometric_prompt=empty_geometry(4, CPU),
+            geometric_prompt=None,
         )
         plain = model(images, prompts)
         clicked = model(images, prompts, torch.stack([_disc((100, 100), 30)] * 4), ClickSimulation(rounds=1))

@@ -86,6 +86,44 @@ def test_the_demo_model_meets_the_targets(with_text: dict, clicks_alone: dict) -
     assert _mean(with_text, "dice_5_clicks") >= 0.9 and _mean(clicks_alone, "dice_3_clicks") >= 0.8
 
 
+def test_presence_gating_leaves_every_label_map_unchanged(held_out: Path) -> None:
+    """The whole vocabulary on a held-out phantom: with the mask head gated by the presence score, the label map is
+    the one every (label, slice) pair through the mask head gives (the shipped demo model never learnt "not here"
+    for the labels no phantom shows, so most pairs still pass: 79 % measured)."""
+    from unittest import mock
+
+    from scripts.checkpoint import load_checkpoint
+    from scripts.inference import VolumeSegmenter
+    from scripts.model_builder import build_medsam3
+    from scripts.network import MedSam3Detector
+    from scripts.orientation import SliceView
+    from scripts.predictor import Medsam3Predictor
+    from scripts.prompts import PromptSet
+    from scripts.vocabulary import load_vocabulary
+
+    model = build_medsam3("tiny", device="cpu")
+    load_checkpoint(model, DEMO_MODEL)
+    vocabulary = load_vocabulary()
+    prompts = PromptSet.create(texts=[entry.name for entry in vocabulary])
+    image = read_image(held_out / "images" / "ct_lps.nii.gz")
+    masked, heads = [], MedSam3Detector._run_segmentation_heads
+
+    def counting(self, **kwargs):  # noqa: ANN001, ANN003
+        masked.append(len(kwargs["img_ids"]))
+        return heads(self, **kwargs)
+
+    def ungated(self, backbone_out, find_input, threshold):  # noqa: ANN001, ARG001
+        return self.forward_grounding(backbone_out, find_input, None, None)
+
+    with mock.patch.object(MedSam3Detector, "_run_segmentation_heads", counting):
+        gated = VolumeSegmenter(Medsam3Predictor(model), vocabulary).segment(image, prompts)
+    with mock.patch.object(MedSam3Detector, "forward_presence_gated", ungated):
+        plain = VolumeSegmenter(Medsam3Predictor(model), vocabulary).segment(image, prompts)
+    pairs = len(vocabulary) * SliceView.for_volume(image).to_view(image.array).shape[0]
+    assert np.array_equal(gated.label, plain.label) and gated.label.any()
+    assert 0 < sum(masked) < pairs, (sum(masked), pairs)
+
+
 @pytest.fixture(scope="module")
 def server(held_out: Path, tmp_path_factory) -> Iterator[str]:
     studies = tmp_path_factory.mktemp("studies")

@@ -27,6 +27,7 @@ FLOORS = {
         "model_sizes",
         "cancellation",
         "phantom_dicom",
+        "lr_schedule",
     },
     2: {"timing", "cpu_compat", "click_training", "checkpoint", "vocabulary", "orientation", "phantom"},
     3: {"network", "label_numbering", "slices", "phantom_dataset", "dicom_seg"},

@@ -9,6 +9,8 @@ from helpers import random_slices, tiny_model
 
 from scripts.predictor import EMPTY_LOGIT, Medsam3Predictor, PromptResult
 
+CPU = torch.device("cpu")
+
 
 @pytest.fixture(scope="module")
 def model():
@@ -169,8 +171,8 @@ def test_presence_gating_changes_no_text_result(model) -> None:
     best = torch.stack([r.scores for r in probe.segment_text(probe.encode(slices), prompts)])  # prompts x slices
     threshold = float(best.flatten().median())  # about half the (prompt, slice) pairs pass
 
-    def ungated(self, backbone_out, find_input, geometric_prompt, threshold):  # noqa: ANN001, ARG001
-        return self.forward_grounding(backbone_out, find_input, None, geometric_prompt)
+    def ungated(self, backbone_out, find_input, threshold):  # noqa: ANN001, ARG001
+        return self.forward_grounding(backbone_out, find_input, None, None)
 
     masked_pairs = []
     heads = MedSam3Detector._run_segmentation_heads
@@ -188,6 +190,29 @@ def test_presence_gating_changes_no_text_result(model) -> None:
         expected = plain.segment_text(plain.encode(slices), prompts)
     for ours, theirs in zip(results, expected, strict=True):
         assert torch.equal(ours.logits, theirs.logits) and torch.equal(ours.scores, theirs.scores)
+
+
+def test_text_prompts_share_the_empty_geometry_encoding(model) -> None:
+    """Text prompts encode their (empty) geometry once per slice, not once per (prompt, slice) pair: the prompt
+    tokens match upstream's per-pair encoding to float rounding (a different batch size, different GEMM blocking)."""
+    from sam3.model.sam3_image import Sam3Image
+
+    from scripts.network import empty_geometry, find_stage
+
+    predictor = Medsam3Predictor(model)
+    encoding = predictor.encode(random_slices(3))
+    img_ids, text_ids = torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([0, 0, 0, 1, 1, 1])
+    detector = predictor.model.detector
+    with predictor._running():
+        feats, pos = predictor._neck(encoding.trunk, tracker=False)
+        text = predictor._encode_text(["liver", "spleen"])
+        backbone_out = {"vision_features": feats[-1], "vision_pos_enc": pos, "backbone_fpn": feats, **text}
+        ours = detector._encode_prompt(dict(backbone_out), find_stage(img_ids, text_ids), None)
+        theirs = Sam3Image._encode_prompt(
+            detector, dict(backbone_out), find_stage(img_ids, text_ids), empty_geometry(6, CPU)
+        )
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(ours[1], theirs[1])
 
 
 def test_memory_selection_is_upstreams_by_default(model) -> None:

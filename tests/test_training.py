@@ -98,6 +98,57 @@ def test_slice_sampler(datalist: Path) -> None:
         SlicePromptDataset([], labels, vocabulary, 64, 1)
 
 
+def test_absent_labels_train_as_not_here(datalist: Path) -> None:
+    """Labels no training image shows (``absent_labels``) are drawn a few per sample and join the batch's text
+    prompts with empty targets, never clicked; the item's own labels keep their targets and flags."""
+    from scripts.training_data import batch_prompts
+
+    items = [
+        {k: str(datalist.parent / v) for k, v in item.items()} for item in json.loads(datalist.read_text())["training"]
+    ]
+    vocabulary, labels, absent = load_vocabulary(), {1: "liver", 2: "spleen"}, ["pancreas", "brain", "heart"]
+    dataset = SlicePromptDataset(items, labels, vocabulary, 64, 8, clip=2, absent=absent, negatives_per_sample=2)
+    drawn = [dataset[i]["absent"].tolist() for i in range(len(dataset))]
+    assert all(len(set(d)) == 2 and set(d) <= {0, 1, 2} for d in drawn) and len({tuple(d) for d in drawn}) > 1
+    plain = SlicePromptDataset(items, labels, vocabulary, 64, 8, clip=2)
+    assert "absent" not in plain[0] and torch.equal(plain[3]["target"], dataset[3]["target"])  # same samples
+
+    batch = torch.utils.data.default_collate([dataset[0], dataset[1]])
+    prompts, targets, flags = batch_prompts(batch, ["liver", "spleen"], absent, clicks=True)
+    extra = sorted(set(drawn[0]) | set(drawn[1]))
+    assert prompts == ["liver", "spleen", *[absent[a] for a in extra]]
+    assert targets.shape[2] == len(prompts) and not targets[:, :, 2:].any()
+    assert torch.equal(targets[:, :, :2], batch["target"])
+    for sample, own in enumerate(drawn[:2]):
+        assert flags["valid"][sample, 2:].tolist() == [float(a in own) for a in extra]
+    assert not flags["annotated"][:, 2:].any()  # "not here" prompts are never clicked
+    with pytest.raises(ValueError, match="also training labels"):
+        SlicePromptDataset(items, labels, vocabulary, 64, 1, absent=["hepatic parenchyma"])
+
+
+def test_phantom_absent_labels_leave_out_what_a_phantom_shows() -> None:
+    from scripts.phantom_dataset import absent_labels
+
+    names = [entry.name for entry in load_vocabulary()]
+    absent = absent_labels(names)
+    assert len(absent) == len(names) - 8 and "pancreas" in absent and "brain" in absent
+    assert not {"liver", "aorta", "kidneys", "spinal cord"} & set(absent)
+
+
+def test_learning_rate_schedule() -> None:
+    """Linear warm-up, then constant or cosine; a function of the iteration alone, so resuming continues it."""
+    from scripts.lr_schedule import LearningRateSchedule, lr_factor
+
+    assert [lr_factor(i, 10, 2) for i in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    cosine = [lr_factor(i, 10, 2, "cosine") for i in range(10)]
+    assert cosine[:3] == [0.5, 1.0, 1.0] and cosine[-1] < 0.05
+    assert all(a > b for a, b in zip(cosine[2:-1], cosine[3:], strict=True))
+    with pytest.raises(ValueError, match="Unknown lr_schedule 'step'"):
+        LearningRateSchedule(10, 0, "step")
+    with pytest.raises(ValueError, match="warmup_steps must be between 0 and max_steps"):
+        LearningRateSchedule(10, 11)
+
+
 def test_items_with_their_own_labels(datalist: Path) -> None:
     """An item annotating only the spleen, as value 1: spleen targets come from value 1, liver is not a negative."""
     training = json.loads(datalist.read_text())["training"]
@@ -256,8 +307,10 @@ def adapted_tiny(mode: str):
 
 @pytest.mark.slow
 def test_resume_continues_where_it_stopped(datalist: Path, tmp_path: Path) -> None:
-    """6 steps straight and 3 steps + resume to 6 end with the same weights (samples, optimiser, RNG restored)."""
+    """6 steps straight and 3 steps + resume to 6 end with the same weights (samples, optimiser, RNG and the
+    learning-rate schedule restored)."""
     common = ["--mode", "adapter3d", "--batch_size", "1", "--val_every", "0", "--lr_backbone", "0.01"]
+    common += ["--lr_schedule", "cosine", "--warmup_steps", "2"]  # the schedule continues too
     straight = _train(datalist, tmp_path / "straight", *common, "--max_steps", "6")
     assert straight.returncode == 0, straight.stderr[-3000:]
     first = _train(datalist, tmp_path / "resumed", *common, "--max_steps", "3")

@@ -46,16 +46,31 @@ class MedSam3Detector(Sam3Image):
     def _compute_matching(self, out: dict, targets: object) -> None:
         return None
 
-    def forward_presence_gated(
-        self, backbone_out: dict, find_input: FindStage, geometric_prompt: Prompt, threshold: float
-    ) -> dict:
-        """``forward_grounding`` for inference, with the mask head run only where it can matter.
+    def _encode_prompt(self, backbone_out: dict, find_input: FindStage, geometric_prompt: Prompt | None, *args, **kw):
+        """Text prompts alone (``geometric_prompt`` None: how this project calls the detector) share the empty
+        geometry's encoding: it depends on the image only, so it is computed once per image instead of once per
+        (prompt, image) pair. Any other prompt takes upstream's path."""
+        if geometric_prompt is not None or args or kw:
+            return super()._encode_prompt(backbone_out, find_input, geometric_prompt, *args, **kw)
+        images = torch.unique(find_input.img_ids)  # sorted
+        backbone_out, feats, pos, sizes = self._get_img_feats(backbone_out, images)
+        geometry, geometry_mask = self.geometry_encoder(
+            geo_prompt=empty_geometry(len(images), images.device), img_feats=feats, img_sizes=sizes, img_pos_embeds=pos
+        )
+        pair_image = torch.searchsorted(images, find_input.img_ids)
+        text = backbone_out["language_features"][:, find_input.text_ids]
+        text_mask = backbone_out["language_mask"][find_input.text_ids]
+        prompt = torch.cat([text, geometry[:, pair_image]])
+        return prompt, torch.cat([text_mask, geometry_mask[pair_image]], dim=1), backbone_out
+
+    def forward_presence_gated(self, backbone_out: dict, find_input: FindStage, threshold: float) -> dict:
+        """``forward_grounding`` for text prompts at inference, with the mask head run only where it can matter.
 
         Detection and presence scores come first (encoder, decoder); the segmentation head then runs only for the
         (prompt, image) pairs with an instance scoring above ``threshold``. The other pairs' ``pred_masks`` are
         :data:`EMPTY_LOGIT`: a text result keeps no instance of theirs anyway, so label maps are unchanged.
         """
-        prompt, prompt_mask, backbone_out = self._encode_prompt(backbone_out, find_input, geometric_prompt)
+        prompt, prompt_mask, backbone_out = self._encode_prompt(backbone_out, find_input, None)
         backbone_out, encoder_out, _ = self._run_encoder(backbone_out, find_input, prompt, prompt_mask)
         out = {"encoder_hidden_states": encoder_out["encoder_hidden_states"]}
         out, hs = self._run_decoder(
@@ -144,7 +159,7 @@ class MedSam3(nn.Module):
             backbone_out=backbone_out,
             find_input=find_stage(img_ids, text_ids),
             find_target=None,
-            geometric_prompt=empty_geometry(len(img_ids), images.device),
+            geometric_prompt=None,  # text alone: the shared geometry encoding (``MedSam3Detector._encode_prompt``)
         )
         if click_targets is not None:
             out["click_rounds"] = simulate_tracking(

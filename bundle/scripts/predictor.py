@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .cpu_compat import device_fallbacks, precision
-from .network import EMPTY_LOGIT, MedSam3, empty_geometry, find_stage, text_result_logits
+from .network import EMPTY_LOGIT, MedSam3, find_stage, text_result_logits
 from .timing import StageTimer
 
 __all__ = ["EMPTY_LOGIT", "Medsam3Predictor", "PromptResult", "VolumeEncoding"]
@@ -192,7 +192,6 @@ class Medsam3Predictor:
                     out = self.model.detector.forward_presence_gated(
                         backbone_out=backbone_out,
                         find_input=find_stage(img_ids, text_ids),
-                        geometric_prompt=empty_geometry(len(img_ids), self.device),
                         threshold=self.score_threshold,
                     )
                     # supervise_joint_box_scores: pred_logits already include the presence score

@@ -40,7 +40,7 @@ from .metrics import dice
 from .network import MedSam3
 from .predictor import Medsam3Predictor
 from .prompts import PromptSet, parse_flag
-from .training_data import per_query
+from .training_data import batch_prompts, per_query
 
 __all__ = [
     "PromptStep",
@@ -75,10 +75,12 @@ class PromptStep:
         clicks: ClickSimulation | None = None,
         click_weight: float = 1.0,
         amp: bool = True,
+        absent_prompts: Sequence[str] = (),
     ) -> None:
         if not prompts:
             raise ValueError("No label prompts to train on")
         self.prompts = list(prompts)
+        self.absent_prompts = list(absent_prompts)
         self.loss = loss or TextPromptLoss()
         self.clicks, self.click_weight = clicks, click_weight
         self.click_loss = ClickPromptLoss()
@@ -90,18 +92,12 @@ class PromptStep:
         model.train()
         images = batch["image"].to(device)  # B x clip x 3 x S x S
         clicks = self.clicks if unwrap(model).interactive else None  # a tracker loaded without weights: not trained
-        # Text prompts train on the sample's intensity preset only (``valid``); clicks on every structure the item
-        # annotates: the tracker is class-agnostic (the click, not a name, says which structure), and a slice with
-        # several structures to click is what teaches it to follow the click rather than segment the likeliest one.
-        trained = batch["valid"] if clicks is None else torch.maximum(batch["valid"], batch["annotated"])
-        used = trained.bool().any(dim=0).nonzero().flatten().tolist()  # the rest are left out of the forward
-        prompts = [self.prompts[p] for p in used]
-        targets = batch["target"][:, :, used].to(device)  # B x clip x P x S x S
+        prompts, targets, flags = batch_prompts(batch, self.prompts, self.absent_prompts, clicks=clicks is not None)
         slices = images.flatten(0, 1)
         # query n = prompt p on slice i, n = p * num + i (the order the detector indexes text and image ids)
-        target = targets.flatten(0, 1).transpose(0, 1).flatten(0, 1)
-        valid = per_query(batch["valid"][:, used].to(device), images.shape[1])
-        annotated = per_query(batch["annotated"][:, used].to(device), images.shape[1])
+        target = targets.to(device).flatten(0, 1).transpose(0, 1).flatten(0, 1)
+        valid = per_query(flags["valid"].to(device), images.shape[1])
+        annotated = per_query(flags["annotated"].to(device), images.shape[1])
         click_targets = target * annotated[:, None, None]  # pairs the item does not annotate: empty, never clicked
         with device_fallbacks(device), precision(device, self.amp):
             if clicks is None:

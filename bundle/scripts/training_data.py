@@ -30,7 +30,7 @@ from .orientation import SliceView
 from .slices import prepare_slices, preset_for
 from .vocabulary import Vocabulary
 
-__all__ = ["SlicePromptDataset", "label_prompts", "per_query"]
+__all__ = ["SlicePromptDataset", "batch_prompts", "label_prompts", "per_query"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,9 @@ class SlicePromptDataset(Dataset):
     Returns dicts with ``image`` (clip x 3 x S x S in [-1, 1]), ``target`` (clip x P x S x S, 0/1), ``valid``
     (P, 0/1: whether the sample trains that label's text prompt) and ``annotated`` (P, 0/1: whether the item
     annotates the label, so its target is true, whatever the preset: the clicks train on it), P the number of label
-    names, in the order of ``labels``.
+    names, in the order of ``labels``. With ``absent`` (labels known to be in no training image, e.g. the rest of
+    the vocabulary for phantoms), ``absent`` holds the indices of ``negatives_per_sample`` of them drawn for the
+    sample: their text prompts learn to say "not here", which is what lets inference skip absent labels' masks.
 
     Each sample is prepared with one intensity preset (:func:`scripts.slices.preset_for`, as inference prepares a
     label's slices), drawn among the presets of the item's labels; labels with another preset are not valid for
@@ -72,6 +74,8 @@ class SlicePromptDataset(Dataset):
         clip: int = 1,
         anchor_first: bool = False,
         positive_fraction: float = 0.8,
+        absent: Sequence[str] = (),
+        negatives_per_sample: int = 2,
         augment: bool = True,
         seed: int = 0,
         first_index: int = 0,
@@ -81,6 +85,13 @@ class SlicePromptDataset(Dataset):
         if clip < 1:
             raise ValueError(f"clip must be >= 1, got {clip}")
         self.names = list(dict.fromkeys(labels.values()))
+        clash = sorted({vocabulary.resolve(n).name for n in absent} & {vocabulary.resolve(n).name for n in self.names})
+        if clash:
+            raise ValueError(f"absent_labels {clash} are also training labels: a label cannot be both")
+        if absent and negatives_per_sample < 1:
+            raise ValueError(f"negatives_per_sample must be >= 1 with absent_labels, got {negatives_per_sample}")
+        self.absent = list(dict.fromkeys(absent))
+        self.negatives = min(negatives_per_sample, len(self.absent))
         self.image_size = image_size
         self.num_samples = num_samples
         self.clip = clip
@@ -168,7 +179,10 @@ class SlicePromptDataset(Dataset):
         target = F.interpolate(target, size=size, mode="nearest")
         valid = torch.tensor([g == group for g in volume.group_of], dtype=torch.float32)
         annotated = torch.tensor([g is not None for g in volume.group_of], dtype=torch.float32)
-        return {"image": (image - 0.5) / 0.5, "target": target, "valid": valid, "annotated": annotated}
+        sample = {"image": (image - 0.5) / 0.5, "target": target, "valid": valid, "annotated": annotated}
+        if self.absent:  # "not here" prompts for the presence score; their targets are empty (PromptStep)
+            sample["absent"] = torch.from_numpy(rng.choice(len(self.absent), self.negatives, replace=False))
+        return sample
 
 
 class _Volume(NamedTuple):
@@ -182,3 +196,30 @@ class _Volume(NamedTuple):
 def per_query(flags: torch.Tensor, clip: int) -> torch.Tensor:
     """B x P per-sample flags of a batch as one flag per query n = p * (B * clip) + i (the detector's order)."""
     return flags[:, None].expand(-1, clip, -1).flatten(0, 1).transpose(0, 1).flatten(0, 1)
+
+
+def batch_prompts(
+    batch: dict[str, torch.Tensor], prompts: Sequence[str], absent_prompts: Sequence[str], clicks: bool
+) -> tuple[list[str], torch.Tensor, dict[str, torch.Tensor]]:
+    """The prompts one batch trains, their B x clip x P x S x S targets and B x P ``valid``/``annotated`` flags.
+
+    Text prompts train on the sample's intensity preset only (``valid``); clicks on every structure the item
+    annotates: the tracker is class-agnostic (the click, not a name, says which structure), and a slice with
+    several structures to click is what teaches it to follow the click rather than segment the likeliest one.
+    Labels no sample uses are left out of the forward; the absent labels drawn for the batch are appended with empty
+    targets, as text prompts only (never clicked).
+    """
+    trained = torch.maximum(batch["valid"], batch["annotated"]) if clicks else batch["valid"]
+    used = trained.bool().any(dim=0).nonzero().flatten().tolist()
+    names = [prompts[p] for p in used]
+    targets = batch["target"][:, :, used]
+    flags = {key: batch[key][:, used] for key in ("valid", "annotated")}
+    if "absent" in batch:
+        drawn = batch["absent"].unique()
+        names += [absent_prompts[a] for a in drawn.tolist()]
+        empty = targets.new_zeros((*targets.shape[:2], len(drawn), *targets.shape[3:]))
+        targets = torch.cat([targets, empty], dim=2)
+        chosen = (batch["absent"][:, :, None] == drawn).any(dim=1).to(flags["valid"].dtype)  # B x drawn
+        flags["valid"] = torch.cat([flags["valid"], chosen], dim=1)
+        flags["annotated"] = F.pad(flags["annotated"], (0, len(drawn)))
+    return names, targets, flags
