@@ -1,7 +1,7 @@
 """Learning-rate schedule of a training run: linear warm-up, then constant or cosine decay.
 
-Training from random weights (the demo model) needs the warm-up, and the cosine decay's low final rate is where a
-short run settles; fine-tuning a released model keeps the constant rate by default. The factor is a function of the
+Training from random weights usually wants the warm-up and the cosine decay's low final rate; fine-tuning a released
+model keeps the constant rate by default. The factor is a function of the
 engine's iteration alone, so a resumed run continues the schedule where it stopped.
 """
 

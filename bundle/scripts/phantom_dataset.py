@@ -31,8 +31,8 @@ PHANTOM_OVERLAPS = ("kidneys", "spinal cord")
 
 
 def absent_labels(names: Iterable[str]) -> list[str]:
-    """The vocabulary labels (``names``) no phantom shows: the demo model learns to answer them "not here", so
-    "segment everything" on a phantom returns its organs, not guesses for 57 labels it never saw."""
+    """The vocabulary labels (``names``) no phantom shows, for ``train.json --absent_labels``: a model trained on
+    phantoms with them learns to answer them "not here" instead of guessing (docs/benchmarks.md, the demo model)."""
     shown = set(PHANTOM_LABELS.values()) | set(PHANTOM_OVERLAPS)
     return [name for name in names if name not in shown]
 
