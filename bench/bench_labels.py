@@ -6,7 +6,8 @@
 
 Each count segments the same phantom with that many vocabulary labels in one request (labels sharing an intensity
 preset share an encoding and run through the heads together). Times are the result's own stage timings; ratios are
-to the 1-label time, so a busy machine's slowness cancels out. Trained weights matter: the mask head runs only for
+to the 1-label time, so a busy machine's slowness cancels out. ``--presence_stride k`` times the coarse presence
+pass (``scripts/presence_pass.py``). Trained weights matter: the mask head runs only for
 (label, slice) pairs the presence score lets through, and random weights let through an arbitrary share.
 """
 
@@ -42,6 +43,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=64)
     parser.add_argument("--size", type=int, default=96, help="in-plane size of the synthetic CT")
     parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--presence_stride", type=int, default=1, help="coarse presence pass every k slices")
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 4, 16, 0], help="0: the whole vocabulary")
     parser.add_argument("--output", type=Path, default=None, help="JSON file (default: print only)")
     args = parser.parse_args()
@@ -51,7 +53,9 @@ def main() -> None:
     model = build_medsam3(args.model_size, device=device)
     if args.ckpt_path != "random":
         load_checkpoint(model, args.ckpt_path)
-    segmenter = VolumeSegmenter(Medsam3Predictor(model, batch_size=args.batch_size), vocabulary)
+    segmenter = VolumeSegmenter(
+        Medsam3Predictor(model, batch_size=args.batch_size, presence_stride=args.presence_stride), vocabulary
+    )
     names = [entry.name for entry in vocabulary]
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,6 +84,7 @@ def main() -> None:
             "weights": Path(args.ckpt_path).name,
             "volume": [args.size, args.size, args.slices],
             "batch_size": args.batch_size,
+            "presence_stride": args.presence_stride,
             "labels": rows,
             "torch": torch.__version__,
         },

@@ -28,6 +28,7 @@ FLOORS = {
         "cancellation",
         "phantom_dicom",
         "lr_schedule",
+        "presence_pass",
     },
     2: {"timing", "cpu_compat", "click_training", "checkpoint", "vocabulary", "orientation", "phantom"},
     3: {"network", "label_numbering", "slices", "phantom_dataset", "dicom_seg"},

@@ -8,6 +8,7 @@ import torch
 from helpers import random_slices, tiny_model
 
 from scripts.predictor import EMPTY_LOGIT, Medsam3Predictor, PromptResult
+from scripts.presence_pass import PRESENCE_MARGIN
 
 CPU = torch.device("cpu")
 
@@ -226,3 +227,38 @@ def test_memory_selection_is_upstreams_by_default(model) -> None:
     assert Medsam3Predictor(tiny_model(), memory_selection=False).model.tracker.use_memory_selection is False
     config = json.loads((Path(__file__).parents[1] / "bundle" / "configs" / "inference.json").read_text())
     assert config["memory_selection"] is True
+
+
+def test_presence_stride_answers_coarse_slices_then_only_where_a_label_showed(model) -> None:
+    """With ``presence_stride`` 3 the coarse slices are answered as with every slice; between them a prompt is
+    answered only next to a coarse slice that showed it (scripts/presence_pass.py), so absent labels cost less."""
+    slices = random_slices(10)
+    prompts = ["liver", "spleen", "aorta", "left kidney"]
+    exact = Medsam3Predictor(model, batch_size=8, score_threshold=0.0)
+    everywhere = exact.segment_text(exact.encode(slices), prompts)
+    best = torch.stack([r.scores for r in everywhere])  # prompts x slices
+    coarse = [0, 3, 6, 9]
+    # A threshold that half of the prompts pass on some coarse slice: the others are skipped in between.
+    threshold = float(best[:, coarse].amax(dim=1).median()) / PRESENCE_MARGIN
+    plain = Medsam3Predictor(model, batch_size=8, score_threshold=threshold)
+    strided = Medsam3Predictor(model, batch_size=8, score_threshold=threshold, presence_stride=3)
+    expected, results = (p.segment_text(p.encode(slices), prompts) for p in (plain, strided))
+    shown = (best[:, coarse] > PRESENCE_MARGIN * threshold).numpy()
+    assert shown.any(axis=1).any() and not shown.any(axis=1).all()
+    for p, (ours, theirs) in enumerate(zip(results, expected, strict=True)):
+        torch.testing.assert_close(ours.scores[coarse], theirs.scores[coarse], atol=1e-5, rtol=1e-4)
+        for low, high, i in ((0, 3, 0), (3, 6, 1), (6, 9, 2)):
+            between = slice(low + 1, high)
+            if shown[p, i] or shown[p, i + 1]:
+                torch.testing.assert_close(
+                    ours.logits[between].float(), theirs.logits[between].float(), atol=2e-3, rtol=1e-3
+                )
+            else:
+                assert (ours.logits[between] == EMPTY_LOGIT).all() and (ours.scores[between] == 0).all()
+    # With every label shown (threshold 0) the stride changes nothing: each pair lands on its own slice.
+    all_shown = Medsam3Predictor(model, batch_size=8, score_threshold=0.0, presence_stride=3)
+    for ours, theirs in zip(all_shown.segment_text(all_shown.encode(slices), prompts), everywhere, strict=True):
+        torch.testing.assert_close(ours.logits.float(), theirs.logits.float(), atol=2e-3, rtol=1e-3)
+        torch.testing.assert_close(ours.scores, theirs.scores, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="presence_stride must be >= 1"):
+        Medsam3Predictor(model, presence_stride=0)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .cpu_compat import device_fallbacks, precision
 from .network import EMPTY_LOGIT, MedSam3, find_stage, text_result_logits
+from .presence_pass import Plan, coarse_slices, neighbourhood_plan, plan_chunks
 from .timing import StageTimer
 
 __all__ = ["EMPTY_LOGIT", "Medsam3Predictor", "PromptResult", "VolumeEncoding"]
@@ -31,6 +32,7 @@ __all__ = ["EMPTY_LOGIT", "Medsam3Predictor", "PromptResult", "VolumeEncoding"]
 logger = logging.getLogger(__name__)
 
 MAX_PROMPTS_PER_FORWARD = 64  # text prompts answered in one detector forward (x slices: the memory cap)
+TEXT_BATCH_DIM = {"language_features": 1, "language_mask": 0, "language_embeds": 1}  # the prompts' axis
 MAX_CLICKS_PER_SLICE = 16  # upstream Sam3TrackerPredictor's max_point_num_in_prompt_enc
 
 
@@ -78,6 +80,7 @@ class Medsam3Predictor:
         max_empty_slices: int | None = 5,
         propagation_confidence: float = 0.8,
         memory_selection: bool = True,
+        presence_stride: int = 1,
         amp: bool = True,
         progress: bool = False,
     ) -> None:
@@ -92,6 +95,8 @@ class Medsam3Predictor:
         if not 0.5 <= propagation_confidence <= 1.0:
             raise ValueError(f"propagation_confidence must be in [0.5, 1], got {propagation_confidence}")
         self.propagation_confidence = propagation_confidence
+        coarse_slices(1, presence_stride)  # refuses a stride below 1
+        self.presence_stride = presence_stride  # many labels: coarse pass first (scripts/presence_pass.py)
         # As SAM 3's video predictor: only confident slices enter the tracker's memory (docs/clicks.md)
         model.tracker.use_memory_selection = bool(memory_selection)
         self.progress = progress
@@ -150,17 +155,9 @@ class Medsam3Predictor:
             with self.timer.stage("text_encoder"):
                 out = self.model.detector.backbone.forward_text(missing, device=self.device)
             for i, prompt in enumerate(missing):
-                self._text_cache[prompt] = {
-                    "language_features": out["language_features"][:, i : i + 1],
-                    "language_mask": out["language_mask"][i : i + 1],
-                    "language_embeds": out["language_embeds"][:, i : i + 1],
-                }
+                self._text_cache[prompt] = {key: out[key].narrow(dim, i, 1) for key, dim in TEXT_BATCH_DIM.items()}
         entries = [self._text_cache[p] for p in prompts]
-        return {
-            "language_features": torch.cat([e["language_features"] for e in entries], dim=1),
-            "language_mask": torch.cat([e["language_mask"] for e in entries], dim=0),
-            "language_embeds": torch.cat([e["language_embeds"] for e in entries], dim=1),
-        }
+        return {key: torch.cat([e[key] for e in entries], dim=dim) for key, dim in TEXT_BATCH_DIM.items()}
 
     def segment_text(self, encoding: VolumeEncoding, prompts: Sequence[str]) -> list[PromptResult]:
         """Per prompt: the union of instances scoring above the threshold on every slice (kept on ``encoding``)."""
@@ -177,29 +174,34 @@ class Medsam3Predictor:
         num, low = encoding.num_slices, self._low_res
         logits = torch.full((len(prompts), num, low, low), EMPTY_LOGIT, dtype=torch.float16, device=self.device)
         scores = torch.zeros(len(prompts), num, device=self.device)
+        everyone = list(range(len(prompts)))
+        coarse = coarse_slices(num, self.presence_stride)
         with self._running():
             text = self._encode_text(prompts)
-            # Several slices per forward: each (slice, prompt) pair is one detector query.
-            per_batch = max(1, self.batch_size // len(prompts))
-            for start in range(0, num, per_batch):
-                batch = slice(start, min(start + per_batch, num))
-                b = batch.stop - batch.start
-                with self.timer.stage("heads"):
-                    feats, pos = self._neck(encoding.trunk[batch], tracker=False)
-                    backbone_out = {"vision_features": feats[-1], "vision_pos_enc": pos, "backbone_fpn": feats, **text}
-                    img_ids = torch.arange(b, device=self.device).repeat(len(prompts))
-                    text_ids = torch.arange(len(prompts), device=self.device).repeat_interleave(b)
-                    out = self.model.detector.forward_presence_gated(
-                        backbone_out=backbone_out,
-                        find_input=find_stage(img_ids, text_ids),
-                        threshold=self.score_threshold,
-                    )
-                    # supervise_joint_box_scores: pred_logits already include the presence score
-                    inst_scores = out["pred_logits"].float().sigmoid().squeeze(-1).view(len(prompts), b, -1)
-                    union = text_result_logits(out, self.score_threshold).view(len(prompts), b, low, low)
-                    logits[:, batch] = union.clamp_min(EMPTY_LOGIT).half()
-                    scores[:, batch] = inst_scores.amax(dim=2)
-        return [PromptResult(logits=logits[i], scores=scores[i]) for i in range(len(prompts))]
+            self._answer(encoding, text, [(index, everyone) for index in coarse], logits, scores)
+            rest = neighbourhood_plan(coarse, scores[:, coarse].cpu().numpy(), self.score_threshold, num)
+            self._answer(encoding, text, rest, logits, scores)
+        return [PromptResult(logits=logits[i], scores=scores[i]) for i in everyone]
+
+    def _answer(
+        self, encoding: VolumeEncoding, text: dict, plan: Plan, logits: torch.Tensor, scores: torch.Tensor
+    ) -> None:
+        """Answer the plan's (slice, prompt) pairs, several slices per forward: each pair is one detector query."""
+        low = self._low_res
+        for chunk in plan_chunks(plan, max(self.batch_size, len(text["language_mask"]))):
+            with self.timer.stage("heads"):
+                slice_ids = torch.tensor([index for index, _ in chunk], device=self.device)
+                img_ids = torch.tensor([i for i, (_, ps) in enumerate(chunk) for _ in ps], device=self.device)
+                text_ids = torch.tensor([p for _, ps in chunk for p in ps], device=self.device)
+                feats, pos = self._neck(encoding.trunk[slice_ids], tracker=False)
+                backbone_out = {"vision_features": feats[-1], "vision_pos_enc": pos, "backbone_fpn": feats, **text}
+                out = self.model.detector.forward_presence_gated(
+                    backbone_out=backbone_out, find_input=find_stage(img_ids, text_ids), threshold=self.score_threshold
+                )
+                # supervise_joint_box_scores: pred_logits already include the presence score
+                union = text_result_logits(out, self.score_threshold).view(-1, low, low)
+                logits[text_ids, slice_ids[img_ids]] = union.clamp_min(EMPTY_LOGIT).half()
+                scores[text_ids, slice_ids[img_ids]] = out["pred_logits"].float().sigmoid().squeeze(-1).amax(dim=1)
 
     @property
     def _low_res(self) -> int:
