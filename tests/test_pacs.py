@@ -8,6 +8,7 @@ bad DICOM refused with a clear 4xx while the server keeps serving.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -99,6 +100,30 @@ def test_modalities_option_narrows_the_list(chain: Chain, tmp_path: Path, monkey
     monkeypatch.setattr(monailabel_settings, "MONAI_LABEL_DICOMWEB_USERNAME", "")
     with pytest.raises(ValueError, match="dicomweb_password_file needs --conf dicomweb_user"):
         PacsDatastore(chain.pacs.dicomweb, AppSettings.from_conf({"dicomweb_password_file": str(password)}), {}, None)
+
+
+def test_series_fetches_of_a_killed_server_are_removed_at_start_up(chain: Chain, tmp_path: Path, monkeypatch) -> None:
+    """A server killed while downloading a series leaves a partial folder in the cache (a CT can be hundreds of MB);
+    the next start removes it, and leaves alone a live server's download."""
+    import subprocess
+
+    from lib.safe_paths import TEMP_PREFIX
+
+    for name in ("MONAI_LABEL_DICOMWEB_USERNAME", "MONAI_LABEL_DICOMWEB_PASSWORD"):
+        monkeypatch.setattr(monailabel_settings, name, "")
+    password = tmp_path / "password"
+    password.write_text(chain.pacs.auth[1])
+    settings = AppSettings.from_conf({"dicomweb_user": USER, "dicomweb_password_file": str(password)})
+    store = PacsDatastore(chain.pacs.dicomweb, settings, {}, load_vocabulary(), str(tmp_path / "cache"))
+    images = Path(store._datastore.image_path())
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = images / f"{TEMP_PREFIX}{int(gone.stdout)}-0123456789ab"
+    live = images / f"{TEMP_PREFIX}{os.getpid()}-ba9876543210"
+    for folder in (killed, live):
+        folder.mkdir()
+        (folder / "1.dcm").write_bytes(b"partial")
+    PacsDatastore(chain.pacs.dicomweb, settings, {}, load_vocabulary(), str(tmp_path / "cache"))
+    assert not killed.exists() and (live / "1.dcm").is_file()
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -231,3 +256,23 @@ def test_a_pacs_that_does_not_answer_is_a_502(tmp_path: Path) -> None:
         for answer in (stats, infer, info):
             assert answer.status_code == 502 and "The PACS did not answer" in answer.json()["detail"], answer.text
         assert requests.get(f"{url}/docs", timeout=10).status_code == 200  # still serving
+
+
+def test_a_pacs_that_hangs_is_a_502_after_the_timeout(tmp_path: Path) -> None:
+    """A PACS that accepts connections and never answers: each request gives up after ``dicomweb_timeout`` (and its
+    one retry) with a 502 naming the timeout, instead of holding the client and a worker thread for good."""
+    import socket
+
+    with socket.socket() as hanging:
+        hanging.bind(("127.0.0.1", 0))
+        hanging.listen(64)  # connections complete in the backlog; nothing ever reads or answers them
+        pacs = f"http://127.0.0.1:{hanging.getsockname()[1]}/dicom-web"
+        conf = ["--conf", "model_size", "tiny", "--conf", "ckpt_path", "random", "--conf", "dicomweb_timeout", "1"]
+        for url, _ in server_process(tmp_path, pacs, free_port(), *conf):
+            start = time.monotonic()
+            stats = requests.get(f"{url}/datastore/?output=stats", timeout=60)
+            assert time.monotonic() - start < 15
+            assert stats.status_code == 502 and "ReadTimeout" in stats.json()["detail"], stats.text
+            infer = requests.post(f"{url}/infer/medsam3_auto?image=1.2.3", data={"params": "{}"}, timeout=60)
+            assert infer.status_code == 502, infer.text
+            assert requests.get(f"{url}/docs", timeout=10).status_code == 200  # still serving

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import threading
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from dicomweb_client.session_utils import create_session_from_user_pass
+import requests
 from monailabel.config import settings as monailabel_settings
 from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
@@ -41,7 +42,7 @@ from scripts.image_io import read_image, write_image
 from scripts.vocabulary import Vocabulary
 
 from .label_info import names_by_value
-from .safe_paths import check_name
+from .safe_paths import TEMP_PREFIX, check_name, remove_stale_temp_files
 from .settings import AppSettings, names
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ class PacsDatastore(DICOMWebDatastore):
         # request; one retry after 0.25 s covers a busy PACS's 503, then the client gets a 502 (lib/errors.py).
         client.set_http_retry_params(max_attempts=2, wait_exponential_multiplier=250)
         super().__init__(client, search_filter={}, cache_path=cache_path or None, fetch_by_frame=False)
+        for removed in remove_stale_temp_files([self._datastore.image_path()]):
+            logger.warning("Removed %s, left by a server that was stopped while fetching a series", removed)
 
     def _fresh(self, cached: tuple[float, list[str]]) -> bool:
         return time.monotonic() - cached[0] < self.settings.dicomweb_cache_seconds
@@ -134,7 +137,8 @@ class PacsDatastore(DICOMWebDatastore):
             raise ImageNotFoundException(f"No series {image_id!r:.80} in the PACS")
         series_dir = image_path / image_id
         if not series_dir.is_dir() or not any(series_dir.iterdir()):
-            partial = Path(tempfile.mkdtemp(prefix=f".{image_id}.", dir=image_path))
+            partial = image_path / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"  # removed at start-up if killed
+            partial.mkdir(mode=0o700)
             try:
                 dicom_web_download_series(None, image_id, str(partial), self._client, False)
                 shutil.rmtree(series_dir, ignore_errors=True)
@@ -207,8 +211,22 @@ def _is_uid(text: str) -> bool:
     return isinstance(text, str) and len(text) <= 64 and bool(_UID.fullmatch(text))
 
 
-def _session(settings: AppSettings):
-    """An HTTP session with the PACS credentials, which MONAI Label's proxy for OHIF then uses too."""
+class _PacsSession(requests.Session):
+    """An HTTP session whose requests give up after ``timeout`` seconds without an answer: ``requests`` waits
+    forever by default, so a PACS that accepts a connection and never answers would hold a worker thread for good."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__()
+        self.timeout = timeout
+
+    def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("timeout", self.timeout)
+        return super().request(method, url, *args, **kwargs)
+
+
+def _session(settings: AppSettings) -> _PacsSession:
+    """An HTTP session with the PACS timeout and credentials, which MONAI Label's proxy for OHIF then uses too."""
+    session = _PacsSession(settings.dicomweb_timeout)
     user = settings.dicomweb_user or monailabel_settings.MONAI_LABEL_DICOMWEB_USERNAME
     password = monailabel_settings.MONAI_LABEL_DICOMWEB_PASSWORD
     if settings.dicomweb_password_file:
@@ -219,9 +237,10 @@ def _session(settings: AppSettings):
     if not user:
         if settings.dicomweb_password_file:
             raise ValueError("--conf dicomweb_password_file needs --conf dicomweb_user")
-        return None
+        return session
     if not password:
         raise ValueError("--conf dicomweb_user needs a password: --conf dicomweb_password_file <file>")
     monailabel_settings.MONAI_LABEL_DICOMWEB_USERNAME = user
     monailabel_settings.MONAI_LABEL_DICOMWEB_PASSWORD = password
-    return create_session_from_user_pass(user, password)
+    session.auth = (user, password)
+    return session

@@ -115,8 +115,8 @@ def atomic_write_text(dest: str | Path, text: str) -> None:
 
 
 def remove_stale_temp_files(folders: Iterable[str | Path]) -> list[str]:
-    """Delete the temporary files of writers that were killed; a live writer's (another server process on the
-    same studies, such as MONAI Label's training subprocess) are left alone."""
+    """Delete the temporary files and folders of writers that were killed; a live writer's (another server process
+    on the same studies, such as MONAI Label's training subprocess) are left alone."""
     removed = []
     for folder in folders:
         try:
@@ -128,7 +128,10 @@ def remove_stale_temp_files(folders: Iterable[str | Path]) -> list[str]:
             if not match or _alive(int(match.group(1))):
                 continue
             try:
-                os.unlink(entry.path)
+                if entry.is_dir(follow_symlinks=False):  # a half-downloaded PACS series (lib/dicomweb.py)
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
             except FileNotFoundError:
                 continue
             removed.append(entry.path)

@@ -35,6 +35,7 @@ PER_RUN_IDS |= {"vocabulary"}
 MINIMUM = {
     "cache_mb": 0,
     "dicomweb_cache_seconds": 0,
+    "dicomweb_timeout": 0.1,
     "max_prompts": 1,
     "max_points": 1,
     "max_voxels": 1,
@@ -64,6 +65,7 @@ class AppSettings:
     dicomweb_cache_seconds: int = 30  # how long the PACS series list is reused before asking again
     dicomweb_user: str = ""  # PACS user for --studies http(s)://...; empty = no credentials (or MONAI Label's env)
     dicomweb_password_file: str = ""  # a file holding that user's password (kept off the command line)
+    dicomweb_timeout: float = 60.0  # seconds the PACS may take to answer one HTTP request before it is a 502
     overrides: dict[str, Any] = field(default_factory=dict)  # inference.json id -> value
 
     @classmethod
