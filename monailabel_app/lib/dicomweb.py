@@ -225,7 +225,8 @@ class _PacsSession(requests.Session):
 
 
 def _session(settings: AppSettings) -> _PacsSession:
-    """An HTTP session with the PACS timeout and credentials, which MONAI Label's proxy for OHIF then uses too."""
+    """An HTTP session with the PACS timeout and credentials; the credentials also go to MONAI Label's settings,
+    where its proxy for OHIF reads them (that proxy is upstream code, without the timeout)."""
     session = _PacsSession(settings.dicomweb_timeout)
     user = settings.dicomweb_user or monailabel_settings.MONAI_LABEL_DICOMWEB_USERNAME
     password = monailabel_settings.MONAI_LABEL_DICOMWEB_PASSWORD
