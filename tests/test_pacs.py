@@ -88,15 +88,21 @@ def test_every_image_series_is_listed_and_new_ones_appear(chain: Chain) -> None:
     assert _total(chain.url) == 3  # seen within the cache time (1 s here), not after two hours
 
 
-def test_modalities_option_narrows_the_list(chain: Chain, tmp_path: Path, monkeypatch) -> None:
-    """``--conf dicomweb_modalities MR``: only MR series are listed (the datastore the app builds, in this process)."""
+def _pacs_settings(chain: Chain, tmp_path: Path, monkeypatch, **conf: str) -> AppSettings:
+    """The app's settings for the test PACS (user and password file), for a datastore built in this process."""
     for name in ("MONAI_LABEL_DICOMWEB_USERNAME", "MONAI_LABEL_DICOMWEB_PASSWORD"):  # the app sets them for the proxy
         monkeypatch.setattr(monailabel_settings, name, "")
     password = tmp_path / "password"
     password.write_text(chain.pacs.auth[1])
-    conf = {"dicomweb_user": USER, "dicomweb_password_file": str(password), "dicomweb_modalities": "mr"}
-    store = PacsDatastore(chain.pacs.dicomweb, AppSettings.from_conf(conf), {}, load_vocabulary(), str(tmp_path))
+    return AppSettings.from_conf({"dicomweb_user": USER, "dicomweb_password_file": str(password), **conf})
+
+
+def test_modalities_option_narrows_the_list(chain: Chain, tmp_path: Path, monkeypatch) -> None:
+    """``--conf dicomweb_modalities MR``: only MR series are listed (the datastore the app builds, in this process)."""
+    settings = _pacs_settings(chain, tmp_path, monkeypatch, dicomweb_modalities="mr")
+    store = PacsDatastore(chain.pacs.dicomweb, settings, {}, load_vocabulary(), str(tmp_path))
     assert store.list_images() == [chain.series["mr"]]
+    password = tmp_path / "password"
     monkeypatch.setattr(monailabel_settings, "MONAI_LABEL_DICOMWEB_USERNAME", "")
     with pytest.raises(ValueError, match="dicomweb_password_file needs --conf dicomweb_user"):
         PacsDatastore(chain.pacs.dicomweb, AppSettings.from_conf({"dicomweb_password_file": str(password)}), {}, None)
@@ -109,11 +115,7 @@ def test_series_fetches_of_a_killed_server_are_removed_at_start_up(chain: Chain,
 
     from lib.safe_paths import TEMP_PREFIX
 
-    for name in ("MONAI_LABEL_DICOMWEB_USERNAME", "MONAI_LABEL_DICOMWEB_PASSWORD"):
-        monkeypatch.setattr(monailabel_settings, name, "")
-    password = tmp_path / "password"
-    password.write_text(chain.pacs.auth[1])
-    settings = AppSettings.from_conf({"dicomweb_user": USER, "dicomweb_password_file": str(password)})
+    settings = _pacs_settings(chain, tmp_path, monkeypatch)
     store = PacsDatastore(chain.pacs.dicomweb, settings, {}, load_vocabulary(), str(tmp_path / "cache"))
     images = Path(store._datastore.image_path())
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -124,6 +126,32 @@ def test_series_fetches_of_a_killed_server_are_removed_at_start_up(chain: Chain,
         (folder / "1.dcm").write_bytes(b"partial")
     PacsDatastore(chain.pacs.dicomweb, settings, {}, load_vocabulary(), str(tmp_path / "cache"))
     assert not killed.exists() and (live / "1.dcm").is_file()
+
+
+def test_a_failed_conversion_copy_leaves_nothing_in_the_cache(chain: Chain, tmp_path: Path, monkeypatch) -> None:
+    """The converted series enters the cache atomically: a copy that fails half-way (disk full, a kill) leaves no
+    truncated file that later requests would trust, and the next request converts it again."""
+    import shutil
+
+    from lib import safe_paths
+
+    settings = _pacs_settings(chain, tmp_path, monkeypatch)
+    store = PacsDatastore(chain.pacs.dicomweb, settings, {}, load_vocabulary(), str(tmp_path / "cache"))
+    uid = chain.series["ct"]
+
+    def disk_full(source, target, length=0) -> None:  # noqa: ANN001, ARG001
+        target.write(source.read(1000))
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(safe_paths.shutil, "copyfileobj", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            store.get_image_uri(uid)
+    images = Path(store._datastore.image_path())
+    assert not (images / f"{uid}.nii.gz").exists()
+    assert not [p for p in images.iterdir() if p.name.startswith(safe_paths.TEMP_PREFIX)]
+    assert shutil.copyfileobj is not disk_full
+    assert read_image(store.get_image_uri(uid)).array.shape == read_image(chain.folders["ct"]).array.shape
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

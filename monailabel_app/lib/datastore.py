@@ -136,11 +136,7 @@ class SafeLocalDatastore(LocalDatastore):
         dest = self._destination(folder, name)
         check_header(image_filename, folder, [self.root])
         logger.info("Adding image %s", image_id)
-        with FileLock(self._lock_file):
-            atomic_copy(image_filename, dest)
-            info = {**(image_info or {}), "ts": int(time.time()), "name": name}
-            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext))
-            self._update_datastore_file(lock=False)
+        register_image(self, image_id, image_filename, dest, ext, image_info)
         return image_id
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
@@ -194,6 +190,16 @@ class SafeLocalDatastore(LocalDatastore):
         """Whether ``path`` is one of the datastore's images (a link in the studies folder may point elsewhere)."""
         uri = super().get_image_uri
         return any(uri(image_id) == path for image_id in list(self._datastore.objects))
+
+
+def register_image(store: LocalDatastore, image_id: str, source: str, dest: str, ext: str, info: dict | None) -> None:
+    """Copy ``source`` to ``dest`` atomically (a file at ``dest`` is always whole) and record the image in the
+    datastore's JSON, under its lock: the local studies folder and the PACS cache (lib/dicomweb.py) add images so."""
+    with FileLock(store._lock_file):
+        atomic_copy(source, dest)
+        info = {**(info or {}), "ts": int(time.time()), "name": os.path.basename(dest)}
+        store._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext))
+        store._update_datastore_file(lock=False)
 
 
 def _unreadable(path: str) -> str | None:

@@ -41,6 +41,7 @@ from scripts.dicom_series import NOT_IMAGES
 from scripts.image_io import read_image, write_image
 from scripts.vocabulary import Vocabulary
 
+from .datastore import register_image
 from .label_info import names_by_value
 from .safe_paths import TEMP_PREFIX, check_name, remove_stale_temp_files
 from .settings import AppSettings, names
@@ -148,9 +149,8 @@ class PacsDatastore(DICOMWebDatastore):
         volume = read_image(series_dir, max_voxels=self.settings.max_voxels)  # ValueError (400) for a bad series
         with tempfile.TemporaryDirectory() as work:
             written = write_image(volume.array, volume, Path(work) / f"{image_id}.nii.gz")
-            LocalDatastore.add_image(self, image_id, str(written), self._dicom_info(image_id))
-        if not converted.exists():  # MONAI Label names the copy after the id and the file's extension
-            raise RuntimeError(f"The converted series {image_id} was not stored at {converted}")
+            # Atomic: a server killed while copying leaves no truncated file that later requests would trust.
+            register_image(self, image_id, str(written), str(converted), ".nii.gz", self._dicom_info(image_id))
 
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
         """A label submitted through this server from the cache, where it was kept with its ``label_info``;
