@@ -111,6 +111,25 @@ def test_clicks_boxes_and_text_on_a_volume(segmenter, phantoms) -> None:
     )
 
 
+@pytest.mark.parametrize("code", ["LPS", "png"])
+def test_clicks_choosing_the_detectors_instances_in_2d_and_3d(segmenter, phantoms, caplog, code: str) -> None:
+    """``click_refinement: instances`` with and without text; its Dice is tested on the demo model."""
+    instances = VolumeSegmenter(segmenter.predictor, segmenter.vocabulary, click_refinement="instances")
+    image = read_image(phantoms[code][0])
+    foreground, background = ([30, 20], [5, 5]) if image.is_2d else ([12, 20, 6], [5, 5, 6])
+    for texts in (["liver"], None):
+        prompts = PromptSet.create(texts=texts, points=[foreground, background], point_labels=[1, 0])
+        with caplog.at_level("INFO", logger="scripts.inference"):
+            result = instances.segment(image, prompts)
+        assert result.label.shape == image.array.shape[: 2 if image.is_2d else 3]
+        assert result.label[tuple(foreground)] == result.labels[0]["index"] and result.label[tuple(background)] == 0
+        tracker = segmenter.segment(image, prompts).label
+        assert not np.array_equal(result.label, tracker)  # the instances answered, not the tracker
+    assert "Clicks without a text prompt follow the instances of" in caplog.text
+    with pytest.raises(ValueError, match="click_refinement must be 'tracker' or 'instances', got 'both'"):
+        VolumeSegmenter(segmenter.predictor, segmenter.vocabulary, click_refinement="both")
+
+
 def test_2d_pictures(segmenter, phantoms, tmp_path) -> None:
     picture = read_image(phantoms["png"][0])
     assert picture.is_2d and picture.array.shape == (64, 80)

@@ -29,6 +29,8 @@ FLOORS = {
         "phantom_dicom",
         "lr_schedule",
         "presence_pass",
+        "click_selection",
+        "low_res_grid",
     },
     2: {"timing", "cpu_compat", "click_training", "checkpoint", "vocabulary", "orientation", "phantom"},
     3: {"network", "label_numbering", "slices", "phantom_dataset", "dicom_seg"},

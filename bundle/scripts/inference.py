@@ -7,6 +7,7 @@ prompted, and the label map is mapped back to the exact voxel grid of the input.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,10 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from .click_selection import refine_with_instances, structure_under_clicks
 from .encoding_cache import EncodingCache, image_key
 from .image_io import ImageVolume
 from .intensity import guess_modality
 from .label_numbering import value_names, vocabulary_values
+from .low_res_grid import pixel_cells
 from .orientation import SliceView
 from .predictor import Medsam3Predictor, PromptResult, VolumeEncoding
 from .prompts import PromptSet
@@ -29,6 +32,7 @@ __all__ = ["SegmentationResult", "VolumeSegmenter"]
 logger = logging.getLogger(__name__)
 
 UNNAMED_OBJECT = ResolvedPrompt(name="object", index=None, prompts=(), known=False)  # clicks without a text prompt
+CLICK_REFINEMENTS = ("tracker", "instances")  # how clicks refine a text result (docs/clicks.md)
 
 
 @dataclass
@@ -60,9 +64,13 @@ class VolumeSegmenter:
         plane: str = "axial",
         modality: str = "auto",
         cache: EncodingCache | None = None,
+        click_refinement: str = "tracker",
     ) -> None:
         if modality not in ("auto", "CT", "MR"):
             raise ValueError(f"modality must be 'auto', 'CT' or 'MR', got {modality!r}")
+        if click_refinement not in CLICK_REFINEMENTS:
+            raise ValueError(f"click_refinement must be 'tracker' or 'instances', got {click_refinement!r}")
+        self.click_refinement = click_refinement
         self.predictor = predictor
         self.vocabulary = vocabulary
         self.plane = plane
@@ -89,7 +97,8 @@ class VolumeSegmenter:
             entry = resolved[0] if resolved else None
             encoding = encoding_for(entry)
             initial = self.predictor.segment_text(encoding, entry.prompts[:1])[0] if entry else None
-            results = [self._geometric(encoding, view, prompts, initial, image.is_2d)]
+            texts = list(entry.prompts[:1]) if entry else self._prompts_sharing(image, modality)
+            results = [self._geometric(encoding, view, prompts, initial, texts, image.is_2d)]
             (value,) = vocabulary_values([entry or UNNAMED_OBJECT], self.vocabulary)
             rows = [self._row(entry, results[0], "clicks" if len(prompts.points) else "boxes", value=value)]
         else:
@@ -139,6 +148,7 @@ class VolumeSegmenter:
         view: SliceView,
         prompts: PromptSet,
         initial: PromptResult | None,
+        texts: list[str],
         is_2d: bool,
     ) -> PromptResult:
         if len(prompts.boxes):
@@ -152,7 +162,43 @@ class VolumeSegmenter:
                 return result
             initial = result
         points = view.points_to_view(_as_3d(prompts.points, is_2d))
+        if self.click_refinement == "instances" and not len(prompts.boxes):
+            refined = self._refine_with_instances(encoding, points, np.asarray(prompts.point_labels), initial, texts)
+            if refined is not None:
+                return refined
         return self.predictor.segment_clicks(encoding, points, prompts.point_labels, initial=initial)
+
+    def _refine_with_instances(
+        self,
+        encoding: VolumeEncoding,
+        points: np.ndarray,
+        labels: np.ndarray,
+        initial: PromptResult | None,
+        texts: list[str],
+    ) -> PromptResult | None:
+        """Clicks choose among the detector's instances (:mod:`scripts.click_selection`): those of the text prompt,
+        or without one, of the prompt whose instance holds the clicks; None when no instance does."""
+        predictor = self.predictor
+        cells = pixel_cells(points, encoding.height, encoding.width, predictor.low_res)
+        lookup = functools.cache(lambda text, index: predictor.text_candidates(encoding, text, index))
+        if initial is None:
+            text = structure_under_clicks(texts, lookup, cells, labels)
+            if text is None:
+                logger.info("No detector instance holds the clicks: the tracker answers them")
+                return None
+            logger.info("Clicks without a text prompt follow the instances of %r", text)
+            initial = PromptResult(*predictor.empty_result(encoding))
+        else:
+            (text,) = texts
+        candidates = functools.partial(lookup, text)
+        logits, scores = refine_with_instances(initial.logits, initial.scores, candidates, cells, labels)
+        return PromptResult(logits=logits, scores=scores)
+
+    def _prompts_sharing(self, image: ImageVolume, modality: str) -> list[str]:
+        """The vocabulary's prompts answered on the intensity preset of clicks without a text prompt."""
+        preset = preset_for(image, self.vocabulary, None, modality)
+        entries = [self.vocabulary.resolve(name) for name in self.vocabulary.names]
+        return [e.prompts[0] for e in entries if preset_for(image, self.vocabulary, e, modality) == preset]
 
     def _modality(self, image: ImageVolume) -> str:
         if self.modality != "auto":

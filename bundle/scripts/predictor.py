@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .cpu_compat import device_fallbacks, precision
+from .low_res_grid import box_window
 from .network import EMPTY_LOGIT, MedSam3, find_stage, text_result_logits
 from .presence_pass import Plan, coarse_slices, neighbourhood_plan, plan_chunks
 from .timing import StageTimer
@@ -171,7 +172,7 @@ class Medsam3Predictor:
         return [encoding.text_results[(p, self.score_threshold)] for p in prompts]
 
     def _segment_text(self, encoding: VolumeEncoding, prompts: Sequence[str]) -> list[PromptResult]:
-        num, low = encoding.num_slices, self._low_res
+        num, low = encoding.num_slices, self.low_res
         logits = torch.full((len(prompts), num, low, low), EMPTY_LOGIT, dtype=torch.float16, device=self.device)
         scores = torch.zeros(len(prompts), num, device=self.device)
         everyone = list(range(len(prompts)))
@@ -187,24 +188,34 @@ class Medsam3Predictor:
         self, encoding: VolumeEncoding, text: dict, plan: Plan, logits: torch.Tensor, scores: torch.Tensor
     ) -> None:
         """Answer the plan's (slice, prompt) pairs, several slices per forward: each pair is one detector query."""
-        low = self._low_res
+        low = self.low_res
         for chunk in plan_chunks(plan, max(self.batch_size, len(text["language_mask"]))):
             with self.timer.stage("heads"):
                 slice_ids = torch.tensor([index for index, _ in chunk], device=self.device)
                 img_ids = torch.tensor([i for i, (_, ps) in enumerate(chunk) for _ in ps], device=self.device)
                 text_ids = torch.tensor([p for _, ps in chunk for p in ps], device=self.device)
-                feats, pos = self._neck(encoding.trunk[slice_ids], tracker=False)
-                backbone_out = {"vision_features": feats[-1], "vision_pos_enc": pos, "backbone_fpn": feats, **text}
-                out = self.model.detector.forward_presence_gated(
-                    backbone_out=backbone_out, find_input=find_stage(img_ids, text_ids), threshold=self.score_threshold
-                )
+                out = self._detect(encoding, text, slice_ids, img_ids, text_ids, self.score_threshold)
                 # supervise_joint_box_scores: pred_logits already include the presence score
                 union = text_result_logits(out, self.score_threshold).view(-1, low, low)
                 logits[text_ids, slice_ids[img_ids]] = union.clamp_min(EMPTY_LOGIT).half()
                 scores[text_ids, slice_ids[img_ids]] = out["pred_logits"].float().sigmoid().squeeze(-1).amax(dim=1)
 
+    def _detect(self, encoding: VolumeEncoding, text: dict, slice_ids, img_ids, text_ids, threshold: float) -> dict:  # noqa: ANN001
+        """The detector on (slice, text) pairs; the mask head runs only where an instance scores above ``threshold``."""
+        feats, pos = self._neck(encoding.trunk[slice_ids], tracker=False)
+        backbone_out = {"vision_features": feats[-1], "vision_pos_enc": pos, "backbone_fpn": feats, **text}
+        return self.model.detector.forward_presence_gated(backbone_out, find_stage(img_ids, text_ids), threshold)
+
+    def text_candidates(self, encoding: VolumeEncoding, prompt: str, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every instance the detector proposes for ``prompt`` on slice ``index``, whatever its score: Q x h x w mask
+        logits and Q scores, for clicks to choose from (:mod:`scripts.click_selection`)."""
+        first = torch.zeros(1, dtype=torch.long, device=self.device)
+        with self._running(), self.timer.stage("heads"):
+            out = self._detect(encoding, self._encode_text([prompt]), first + index, first, first, threshold=-1.0)
+        return out["pred_masks"][0].float(), out["pred_logits"][0].float().sigmoid().squeeze(-1)
+
     @property
-    def _low_res(self) -> int:
+    def low_res(self) -> int:
         return 4 * self.model.size.feature_size
 
     # ----------------------------------------------------------------------------------------------- tracker
@@ -262,8 +273,8 @@ class Medsam3Predictor:
         The mask is kept inside the box: a box prompt states where the structure is.
         """
         self._require_tracker()
-        logits, scores = self._empty_result(encoding)
-        low = self._low_res
+        logits, scores = self.empty_result(encoding)
+        low = self.low_res
         with self._running():
             for index, (r0, c0, r1, c1) in sorted(boxes.items()):
                 corners = self._to_model_xy(encoding, np.array([r0 - 0.5, r1 + 0.5]), np.array([c0 - 0.5, c1 + 0.5]))
@@ -273,7 +284,7 @@ class Medsam3Predictor:
                 }
                 with self.timer.stage("heads"):
                     out = self._track_step(encoding, index, _new_memory(), conditioning=True, point_inputs=points)
-                inside = _box_window(low, encoding, (r0, c0, r1, c1), self.device)
+                inside = box_window(low, encoding.height, encoding.width, (r0, c0, r1, c1), self.device)
                 logits[index] = torch.where(inside, out["pred_masks"][0, 0].float(), EMPTY_LOGIT).half()
                 scores[index] = out["object_score_logits"].float().sigmoid().max()
         return PromptResult(logits=logits, scores=scores)
@@ -299,7 +310,7 @@ class Medsam3Predictor:
         if points.ndim != 2 or points.shape[1] != 3 or len(points) != len(labels) or len(points) == 0:
             raise ValueError(f"Expected N x 3 points with N labels, got {points.shape} and {labels.shape}")
         logits, scores = (
-            self._empty_result(encoding) if initial is None else (initial.logits.clone(), initial.scores.clone())
+            self.empty_result(encoding) if initial is None else (initial.logits.clone(), initial.scores.clone())
         )
         memory = _new_memory()
         clicked = sorted({int(d) for d in points[:, 0]})
@@ -346,8 +357,8 @@ class Medsam3Predictor:
             if self.max_empty_slices is not None and empty_run >= self.max_empty_slices:
                 break
 
-    def _empty_result(self, encoding: VolumeEncoding) -> tuple[torch.Tensor, torch.Tensor]:
-        low = self._low_res
+    def empty_result(self, encoding: VolumeEncoding) -> tuple[torch.Tensor, torch.Tensor]:
+        low = self.low_res
         return (
             torch.full((encoding.num_slices, low, low), EMPTY_LOGIT, dtype=torch.float16, device=self.device),
             torch.zeros(encoding.num_slices, device=self.device),
@@ -387,14 +398,3 @@ def _object_score(out: dict) -> torch.Tensor:
 
 def _new_memory() -> dict:
     return {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
-
-
-def _box_window(low: int, encoding: VolumeEncoding, box: Sequence[float], device: torch.device) -> torch.Tensor:
-    """low x low boolean mask of the low-res pixels whose centres fall inside the (inclusive) pixel box."""
-    r0, c0, r1, c1 = box
-    rows = (torch.arange(low, device=device) + 0.5) * encoding.height / low - 0.5
-    cols = (torch.arange(low, device=device) + 0.5) * encoding.width / low - 0.5
-    margin_r, margin_c = encoding.height / low, encoding.width / low  # one low-res pixel, for the border
-    in_r = (rows >= r0 - margin_r) & (rows <= r1 + margin_r)
-    in_c = (cols >= c0 - margin_c) & (cols <= c1 + margin_c)
-    return in_r[:, None] & in_c[None, :]

@@ -1,0 +1,129 @@
+"""Clicks that refine a text result by choosing among the detector's own instances for that text.
+
+The detector answers a text prompt on each slice with a few candidate instances (its DETR queries), and the text
+result keeps those scoring above the threshold. A click says which of them the user meant: on a clicked slice the
+result becomes the candidate that holds the slice's foreground clicks and none of its background clicks (ties go to
+the candidate overlapping the current result most, then to the higher score). From there the choice is carried to
+the neighbouring slices, each taking the candidate that overlaps the previous slice's choice most, while that
+overlap (intersection over union) stays at least ``min_overlap``: slices further away keep the text result.
+
+Without a text prompt, :func:`structure_under_clicks` first finds which prompt's instance holds the clicks on the
+first clicked slice, and that prompt's instances are followed from there.
+
+This serves models whose detector learnt the structures but whose tracker did not learn clicks (the demo model,
+``docs/clicks.md``). Everything here works on low-resolution mask logits and is pure tensor geometry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["Candidates", "refine_with_instances", "structure_under_clicks"]
+
+Candidates = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # slice -> (Q x h x w logits, Q scores)
+
+
+def refine_with_instances(
+    logits: torch.Tensor,
+    scores: torch.Tensor,
+    candidates: Candidates,
+    cells: np.ndarray,
+    labels: np.ndarray,
+    min_overlap: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text result (``logits`` D x h x w, ``scores`` D) refined by clicks at low-resolution ``cells``
+    (N x 3: slice, row, column) with ``labels`` (1 foreground, 0 background); returns new logits and scores."""
+    if not 0.0 < min_overlap <= 1.0:
+        raise ValueError(f"min_overlap must be in (0, 1], got {min_overlap}")
+    logits, scores = logits.clone(), scores.clone()
+    clicked = sorted({int(d) for d in cells[:, 0]})
+    for index in clicked:
+        positive, negative = _clicks_on(cells, labels, index)
+        masks, instance_scores = candidates(index)
+        chosen = _consistent_instance(masks > 0, instance_scores, logits[index] > 0, positive, negative)
+        if chosen is None:  # no instance fits: the slice keeps its result (the clicked voxels are set anyway)
+            continue
+        logits[index], scores[index] = masks[chosen].to(logits.dtype), instance_scores[chosen]
+        for step in (1, -1):
+            _carry(logits, scores, candidates, index, step, set(clicked), min_overlap)
+    return logits, scores
+
+
+def structure_under_clicks(
+    prompts: Sequence[str],
+    candidates: Callable[[str, int], tuple[torch.Tensor, torch.Tensor]],
+    cells: np.ndarray,
+    labels: np.ndarray,
+) -> str | None:
+    """The prompt whose instance on the first foreground click's slice holds that slice's foreground clicks and none
+    of its background clicks with the highest score; None when no prompt has such an instance."""
+    index = int(cells[labels == 1][0, 0])
+    positive, negative = _clicks_on(cells, labels, index)
+    best: tuple[float, str] | None = None
+    for prompt in prompts:
+        masks, scores = candidates(prompt, index)
+        chosen = _consistent_instance(
+            masks > 0, scores, torch.zeros_like(masks[0], dtype=torch.bool), positive, negative
+        )
+        if chosen is not None and (best is None or float(scores[chosen]) > best[0]):
+            best = (float(scores[chosen]), prompt)
+    return None if best is None else best[1]
+
+
+def _clicks_on(cells: np.ndarray, labels: np.ndarray, index: int) -> tuple[list, list]:
+    on_slice = cells[:, 0] == index
+    return [tuple(c) for c in cells[on_slice & (labels == 1), 1:]], [
+        tuple(c) for c in cells[on_slice & (labels == 0), 1:]
+    ]
+
+
+def _consistent_instance(
+    masks: torch.Tensor,
+    scores: torch.Tensor,
+    current: torch.Tensor,
+    positive: list[tuple[int, int]],
+    negative: list[tuple[int, int]],
+) -> int | None:
+    """The instance holding the most foreground clicks and no background click. With foreground clicks it must hold
+    one; with background clicks only it must overlap the current result (there is nothing to correct otherwise)."""
+    best: tuple[int, float, float, int] | None = None
+    for q, mask in enumerate(masks):
+        inside = sum(bool(mask[r, c]) for r, c in positive)
+        overlap = float(_iou(mask, current))
+        if (inside == 0 if positive else overlap == 0) or any(bool(mask[r, c]) for r, c in negative):
+            continue
+        key = (inside, overlap, float(scores[q]), q)
+        if best is None or key[:3] > best[:3]:
+            best = key
+    return None if best is None else best[3]
+
+
+def _carry(
+    logits: torch.Tensor,
+    scores: torch.Tensor,
+    candidates: Candidates,
+    start: int,
+    step: int,
+    clicked: set[int],
+    min_overlap: float,
+) -> None:
+    """Follow the chosen instance from slice ``start`` in direction ``step`` while it overlaps enough."""
+    previous = logits[start] > 0
+    index = start + step
+    while 0 <= index < logits.shape[0] and index not in clicked and bool(previous.any()):
+        masks, instance_scores = candidates(index)
+        overlaps = torch.stack([_iou(mask, previous) for mask in masks > 0])
+        best = int(overlaps.argmax())
+        if float(overlaps[best]) < min_overlap:
+            return
+        logits[index], scores[index] = masks[best].to(logits.dtype), instance_scores[best]
+        previous = masks[best] > 0
+        index += step
+
+
+def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    union = (a | b).sum()
+    return (a & b).sum() / union.clamp_min(1)

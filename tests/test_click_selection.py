@@ -1,0 +1,102 @@
+"""Clicks choosing among the detector's instances (``click_refinement: instances``), and the low-resolution grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from scripts.click_selection import refine_with_instances, structure_under_clicks
+from scripts.low_res_grid import pixel_cells
+
+D, LOW = 7, 16
+ON, OFF = 8.0, -8.0
+
+
+def _square(top: int, left: int, side: int) -> torch.Tensor:
+    logits = torch.full((LOW, LOW), OFF)
+    logits[top : top + side, left : left + side] = ON
+    return logits
+
+
+class Instances:
+    """Two instances per slice: a left square (score 0.4) on slices 1-5, drifting one cell per slice, and a right
+    square (score 0.9) on every slice; slice 6's left square has moved too far to overlap slice 5's."""
+
+    def __init__(self) -> None:
+        self.asked: list[int] = []
+
+    def __call__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.asked.append(index)
+        left = _square(2, index, 5) if 1 <= index <= 5 else _square(12, 0, 3)
+        return torch.stack([left, _square(2, 10, 5)]), torch.tensor([0.4, 0.9])
+
+
+def _text_result() -> tuple[torch.Tensor, torch.Tensor]:
+    """A text result that kept only the right square, on every slice."""
+    return torch.stack([_square(2, 10, 5)] * D), torch.full((D,), 0.9)
+
+
+def test_a_foreground_click_picks_the_instance_under_it_and_follows_it_while_it_overlaps() -> None:
+    logits, scores = _text_result()
+    cells = np.array([[3, 4, 5]])  # slice 3, inside the left square (columns 3-7)
+    new, new_scores = refine_with_instances(logits, scores, Instances(), cells, np.array([1]))
+    for index in range(1, 6):
+        assert torch.equal(new[index] > 0, _square(2, index, 5) > 0), index
+        assert new_scores[index] == pytest.approx(0.4)
+    # slice 0 has no left square and slice 6's does not overlap slice 5's: both keep the text result
+    for index in (0, 6):
+        assert torch.equal(new[index], logits[index]) and new_scores[index] == pytest.approx(0.9)
+    assert torch.equal(logits, _text_result()[0])  # the input is left alone
+
+
+def test_the_carried_instance_stops_below_the_overlap_asked_for() -> None:
+    logits, scores = _text_result()
+    # one cell of drift per slice on a side of 5: IoU 4/6 = 0.67, so 0.7 keeps only the clicked slice
+    new, _ = refine_with_instances(logits, scores, Instances(), np.array([[3, 4, 5]]), np.array([1]), min_overlap=0.7)
+    changed = [index for index in range(D) if not torch.equal(new[index], logits[index])]
+    assert changed == [3]
+    with pytest.raises(ValueError, match="min_overlap"):
+        refine_with_instances(logits, scores, Instances(), np.array([[3, 4, 5]]), np.array([1]), min_overlap=0.0)
+
+
+def test_a_background_click_drops_the_instance_under_it_for_one_that_overlaps_the_result() -> None:
+    both = torch.maximum(_square(2, 3, 5), _square(2, 10, 5))
+    logits, scores = torch.stack([both] * D), torch.full((D,), 0.9)
+    new, _ = refine_with_instances(logits, scores, Instances(), np.array([[3, 4, 11]]), np.array([0]))
+    assert torch.equal(new[3] > 0, _square(2, 3, 5) > 0)  # the right square held the click: the left one stays
+
+
+def test_clicks_no_instance_agrees_with_leave_the_slice_as_it_was() -> None:
+    logits, scores = _text_result()
+    instances = Instances()
+    # a foreground and a background click inside the same square: no instance holds one without the other
+    cells, labels = np.array([[3, 4, 11], [3, 5, 12]]), np.array([1, 0])
+    new, _ = refine_with_instances(logits, scores, instances, cells, labels)
+    assert torch.equal(new, logits) and instances.asked == [3]
+    # a background click where the result is empty: nothing to correct
+    empty = torch.full((D, LOW, LOW), OFF)
+    new, _ = refine_with_instances(empty, torch.zeros(D), Instances(), np.array([[3, 14, 1]]), np.array([0]))
+    assert torch.equal(new, empty)
+
+
+def test_the_structure_under_unnamed_clicks_is_the_best_scoring_prompt_holding_them() -> None:
+    def candidates(prompt: str, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        assert index == 3  # the first foreground click's slice
+        square = {"liver": _square(2, 3, 5), "spleen": _square(2, 10, 5), "aorta": _square(2, 3, 5)}[prompt]
+        score = {"liver": 0.6, "spleen": 0.9, "aorta": 0.3}[prompt]
+        return square[None], torch.tensor([score])
+
+    prompts = ["aorta", "liver", "spleen"]
+    assert structure_under_clicks(prompts, candidates, np.array([[3, 4, 5]]), np.array([1])) == "liver"
+    assert structure_under_clicks(prompts, candidates, np.array([[3, 4, 11]]), np.array([1])) == "spleen"
+    assert structure_under_clicks(prompts, candidates, np.array([[3, 14, 1]]), np.array([1])) is None
+    # a background click on the liver's square rules out both prompts whose instance holds it
+    cells, labels = np.array([[3, 4, 5], [3, 3, 4]]), np.array([1, 0])
+    assert structure_under_clicks(prompts, candidates, cells, labels) is None
+
+
+def test_pixels_map_to_the_cells_their_centres_fall_in() -> None:
+    points = np.array([[2, 0, 0], [2, 63, 31], [0, 31, 15], [1, 32, 16]])
+    cells = pixel_cells(points, height=64, width=32, low=16)
+    assert cells.tolist() == [[2, 0, 0], [2, 15, 15], [0, 7, 7], [1, 8, 8]]
