@@ -50,6 +50,22 @@ def test_score_threshold_drops_instances(model) -> None:
         predictor.segment_text(predictor.encode(random_slices(1)), [])
 
 
+def test_text_candidates_are_the_instances_a_text_result_keeps(model) -> None:
+    """Clicks choose among :meth:`text_candidates` (``click_refinement: instances``): the ones scoring above the
+    threshold are exactly the text result's, whatever their score the others are there too."""
+    predictor = Medsam3Predictor(model, score_threshold=0.3)
+    encoding = predictor.encode(random_slices(4))
+    result = predictor.segment_text(encoding, ["liver"])[0]
+    for index in range(4):
+        masks, scores = predictor.text_candidates(encoding, "liver", index)
+        assert masks.shape == (model.size.num_queries, predictor.low_res, predictor.low_res)
+        assert (masks > EMPTY_LOGIT).all()  # every instance has its mask, not only those passing the presence gate
+        kept = masks[scores > 0.3]
+        union = kept.amax(dim=0).clamp_min(EMPTY_LOGIT) if len(kept) else torch.full_like(masks[0], EMPTY_LOGIT)
+        torch.testing.assert_close(union, result.logits[index].float(), atol=2e-2, rtol=1e-3)
+        torch.testing.assert_close(scores.max(), result.scores[index], atol=1e-5, rtol=1e-4)
+
+
 def test_text_encodings_are_cached(model) -> None:
     predictor = Medsam3Predictor(model)
     encoding = predictor.encode(random_slices(2))

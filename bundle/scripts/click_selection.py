@@ -115,7 +115,7 @@ def _carry(
     index = start + step
     while 0 <= index < logits.shape[0] and index not in clicked and bool(previous.any()):
         masks, instance_scores = candidates(index)
-        overlaps = torch.stack([_iou(mask, previous) for mask in masks > 0])
+        overlaps = _iou(masks > 0, previous)
         best = int(overlaps.argmax())
         if float(overlaps[best]) < min_overlap:
             return
@@ -124,6 +124,7 @@ def _carry(
         index += step
 
 
-def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    union = (a | b).sum()
-    return (a & b).sum() / union.clamp_min(1)
+def _iou(masks: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Intersection over union of ``other`` (h x w) with each of ``masks`` (... x h x w)."""
+    union = (masks | other).sum(dim=(-2, -1))
+    return (masks & other).sum(dim=(-2, -1)) / union.clamp_min(1)
