@@ -80,6 +80,15 @@ def test_clicks_no_instance_agrees_with_leave_the_slice_as_it_was() -> None:
     assert torch.equal(new, empty)
 
 
+def test_clicks_the_result_already_agrees_with_change_nothing() -> None:
+    logits, scores = _text_result()
+    instances = Instances()
+    # a foreground click inside the right square and a background click outside it, both on slice 3
+    cells, labels = np.array([[3, 4, 11], [3, 14, 1]]), np.array([1, 0])
+    new, new_scores = refine_with_instances(logits, scores, instances, cells, labels)
+    assert torch.equal(new, logits) and torch.equal(new_scores, scores) and instances.asked == []
+
+
 def test_the_structure_under_unnamed_clicks_is_the_best_scoring_prompt_holding_them() -> None:
     def candidates(prompt: str, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         assert index == 3  # the first foreground click's slice

@@ -1,11 +1,12 @@
 """Clicks that refine a text result by choosing among the detector's own instances for that text.
 
 The detector answers a text prompt on each slice with a few candidate instances (its DETR queries), and the text
-result keeps those scoring above the threshold. A click says which of them the user meant: on a clicked slice the
-result becomes the candidate that holds the slice's foreground clicks and none of its background clicks (ties go to
-the candidate overlapping the current result most, then to the higher score). From there the choice is carried to
-the neighbouring slices, each taking the candidate that overlaps the previous slice's choice most, while that
-overlap (intersection over union) stays at least ``min_overlap``: slices further away keep the text result.
+result keeps those scoring above the threshold. A click says which of them the user meant: on a clicked slice whose
+result it contradicts, the result becomes the candidate that holds the slice's foreground clicks and none of its
+background clicks (ties go to the candidate overlapping the current result most, then to the higher score). From
+there the choice is carried to the neighbouring slices, each taking the candidate that overlaps the previous slice's
+choice most, while that overlap (intersection over union) stays at least ``min_overlap``: slices further away keep
+the text result. A slice whose result already agrees with its clicks is left as it is.
 
 Without a text prompt, :func:`structure_under_clicks` first finds which prompt's instance holds the clicks on the
 first clicked slice, and that prompt's instances are followed from there.
@@ -42,8 +43,11 @@ def refine_with_instances(
     clicked = sorted({int(d) for d in cells[:, 0]})
     for index in clicked:
         positive, negative = _clicks_on(cells, labels, index)
+        current = logits[index] > 0
+        if all(bool(current[cell]) for cell in positive) and not any(bool(current[cell]) for cell in negative):
+            continue  # the result already agrees with every click on this slice
         masks, instance_scores = candidates(index)
-        chosen = _consistent_instance(masks > 0, instance_scores, logits[index] > 0, positive, negative)
+        chosen = _consistent_instance(masks > 0, instance_scores, current, positive, negative)
         if chosen is None:  # no instance fits: the slice keeps its result (the clicked voxels are set anyway)
             continue
         logits[index], scores[index] = masks[chosen].to(logits.dtype), instance_scores[chosen]
