@@ -5,9 +5,9 @@ already normalised to [0, 1] with 3 channels. It resizes slices to the model's s
 trunk output of every slice (the necks are cheap and recomputed per use, which keeps a 300-slice CT at ~3 GB in
 bf16 on the GPU) and returns low-resolution mask logits per slice, turned into label maps by :meth:`label_map`.
 
-Text prompts go through the detector (instances scored by detection x presence); boxes and clicks go through
-the tracker's SAM heads, and clicks on a volume are propagated slice by slice in both directions with the
-tracker's memory.
+Text prompts go through the detector (instances scored by detection x presence; :meth:`text_candidates` gives all
+of one slice's, for clicks to choose from); boxes and clicks go through the tracker's SAM heads, and clicks on a
+volume are propagated slice by slice in both directions with the tracker's memory.
 """
 
 from __future__ import annotations
@@ -126,13 +126,12 @@ class Medsam3Predictor:
             raise ValueError(f"Expected slices as D x 3 x H x W, got shape {tuple(slices.shape)}")
         if slices.shape[0] == 0:
             raise ValueError("No slices to encode")
-        size = self.model.image_size
         trunks = []
         with self._running():
             for batch in self._batches(slices.shape[0], "encoding slices"):
                 with self.timer.stage("preprocess"):
                     x = slices[batch].to(self.device, torch.float32, non_blocking=True)
-                    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+                    x = F.interpolate(x, size=(self.model.image_size,) * 2, mode="bilinear", align_corners=False)
                     x = (x - 0.5) / 0.5  # SAM3's image mean and std are 0.5
                 with self.timer.stage("image_encoder"):
                     trunks.append(self.model.detector.backbone.vision_backbone.trunk(x)[-1])
@@ -194,14 +193,15 @@ class Medsam3Predictor:
                 slice_ids = torch.tensor([index for index, _ in chunk], device=self.device)
                 img_ids = torch.tensor([i for i, (_, ps) in enumerate(chunk) for _ in ps], device=self.device)
                 text_ids = torch.tensor([p for _, ps in chunk for p in ps], device=self.device)
-                out = self._detect(encoding, text, slice_ids, img_ids, text_ids, self.score_threshold)
+                out = self._detect(encoding, text, (slice_ids, img_ids, text_ids), self.score_threshold)
                 # supervise_joint_box_scores: pred_logits already include the presence score
                 union = text_result_logits(out, self.score_threshold).view(-1, low, low)
                 logits[text_ids, slice_ids[img_ids]] = union.clamp_min(EMPTY_LOGIT).half()
                 scores[text_ids, slice_ids[img_ids]] = out["pred_logits"].float().sigmoid().squeeze(-1).amax(dim=1)
 
-    def _detect(self, encoding: VolumeEncoding, text: dict, slice_ids, img_ids, text_ids, threshold: float) -> dict:  # noqa: ANN001
-        """The detector on (slice, text) pairs; the mask head runs only where an instance scores above ``threshold``."""
+    def _detect(self, encoding: VolumeEncoding, text: dict, pairs: tuple[torch.Tensor, ...], threshold: float) -> dict:
+        """The detector on (slice, image in batch, text) index triples; the mask head runs only above ``threshold``."""
+        slice_ids, img_ids, text_ids = pairs
         feats, pos = self._neck(encoding.trunk[slice_ids], tracker=False)
         backbone_out = {"vision_features": feats[-1], "vision_pos_enc": pos, "backbone_fpn": feats, **text}
         return self.model.detector.forward_presence_gated(backbone_out, find_stage(img_ids, text_ids), threshold)
@@ -209,9 +209,9 @@ class Medsam3Predictor:
     def text_candidates(self, encoding: VolumeEncoding, prompt: str, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every instance the detector proposes for ``prompt`` on slice ``index``, whatever its score: Q x h x w mask
         logits and Q scores, for clicks to choose from (:mod:`scripts.click_selection`)."""
-        first = torch.zeros(1, dtype=torch.long, device=self.device)
+        pair = torch.tensor([index, 0, 0], device=self.device)[:, None]  # slice, image in batch, text
         with self._running(), self.timer.stage("heads"):
-            out = self._detect(encoding, self._encode_text([prompt]), first + index, first, first, threshold=-1.0)
+            out = self._detect(encoding, self._encode_text([prompt]), tuple(pair), threshold=-1.0)
         return out["pred_masks"][0].float(), out["pred_logits"][0].float().sigmoid().squeeze(-1)
 
     @property
