@@ -90,14 +90,18 @@ def test_clicks_the_result_already_agrees_with_change_nothing() -> None:
 
 
 def test_the_structure_under_unnamed_clicks_is_the_best_scoring_prompt_holding_them() -> None:
-    def candidates(prompt: str, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    asked: list[list[str]] = []
+
+    def candidates(prompts: list[str], index: int) -> tuple[torch.Tensor, torch.Tensor]:
         assert index == 3  # the first foreground click's slice
-        square = {"liver": _square(2, 3, 5), "spleen": _square(2, 10, 5), "aorta": _square(2, 3, 5)}[prompt]
-        score = {"liver": 0.6, "spleen": 0.9, "aorta": 0.3}[prompt]
-        return square[None], torch.tensor([score])
+        asked.append(list(prompts))
+        squares = {"liver": _square(2, 3, 5), "spleen": _square(2, 10, 5), "aorta": _square(2, 3, 5)}
+        scores = {"liver": 0.6, "spleen": 0.9, "aorta": 0.3}
+        return torch.stack([squares[p][None] for p in prompts]), torch.tensor([[scores[p]] for p in prompts])
 
     prompts = ["aorta", "liver", "spleen"]
-    assert structure_under_clicks(prompts, candidates, np.array([[3, 4, 5]]), np.array([1])) == "liver"
+    assert structure_under_clicks(prompts, candidates, np.array([[3, 4, 5]]), np.array([1]), chunk=2) == "liver"
+    assert asked == [["aorta", "liver"], ["spleen"]]  # two prompts per detector pass
     assert structure_under_clicks(prompts, candidates, np.array([[3, 4, 11]]), np.array([1])) == "spleen"
     assert structure_under_clicks(prompts, candidates, np.array([[3, 14, 1]]), np.array([1])) is None
     # a background click on the liver's square rules out both prompts whose instance holds it

@@ -56,9 +56,12 @@ def test_text_candidates_are_the_instances_a_text_result_keeps(model) -> None:
     predictor = Medsam3Predictor(model, score_threshold=0.3)
     encoding = predictor.encode(random_slices(4))
     result = predictor.segment_text(encoding, ["liver"])[0]
+    both = predictor.segment_text(encoding, ["liver", "spleen"])
     for index in range(4):
-        masks, scores = predictor.text_candidates(encoding, "liver", index)
-        assert masks.shape == (model.size.num_queries, predictor.low_res, predictor.low_res)
+        masks, scores = predictor.text_candidates(encoding, ["spleen", "liver"], index)
+        assert masks.shape == (2, model.size.num_queries, predictor.low_res, predictor.low_res)
+        torch.testing.assert_close(scores[0].max(), both[1].scores[index], atol=1e-5, rtol=1e-4)  # prompts batched
+        masks, scores = masks[1], scores[1]
         assert (masks > EMPTY_LOGIT).all()  # every instance has its mask, not only those passing the presence gate
         kept = masks[scores > 0.3]
         union = kept.amax(dim=0).clamp_min(EMPTY_LOGIT) if len(kept) else torch.full_like(masks[0], EMPTY_LOGIT)

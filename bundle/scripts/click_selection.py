@@ -58,22 +58,24 @@ def refine_with_instances(
 
 def structure_under_clicks(
     prompts: Sequence[str],
-    candidates: Callable[[str, int], tuple[torch.Tensor, torch.Tensor]],
+    candidates: Callable[[Sequence[str], int], tuple[torch.Tensor, torch.Tensor]],
     cells: np.ndarray,
     labels: np.ndarray,
+    chunk: int = 8,
 ) -> str | None:
     """The prompt whose instance on the first foreground click's slice holds that slice's foreground clicks and none
-    of its background clicks with the highest score; None when no prompt has such an instance."""
+    of its background clicks with the highest score; None when no prompt has such an instance. ``candidates`` answers
+    ``chunk`` prompts at a time (P x Q x h x w logits, P x Q scores)."""
     index = int(cells[labels == 1][0, 0])
     positive, negative = _clicks_on(cells, labels, index)
     best: tuple[float, str] | None = None
-    for prompt in prompts:
-        masks, scores = candidates(prompt, index)
-        chosen = _consistent_instance(
-            masks > 0, scores, torch.zeros_like(masks[0], dtype=torch.bool), positive, negative
-        )
-        if chosen is not None and (best is None or float(scores[chosen]) > best[0]):
-            best = (float(scores[chosen]), prompt)
+    for start in range(0, len(prompts), chunk):
+        names = prompts[start : start + chunk]
+        for prompt, masks, scores in zip(names, *candidates(names, index), strict=True):
+            nothing = torch.zeros_like(masks[0], dtype=torch.bool)
+            chosen = _consistent_instance(masks > 0, scores, nothing, positive, negative)
+            if chosen is not None and (best is None or float(scores[chosen]) > best[0]):
+                best = (float(scores[chosen]), prompt)
     return None if best is None else best[1]
 
 

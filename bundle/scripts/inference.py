@@ -180,9 +180,9 @@ class VolumeSegmenter:
         or without one, of the prompt whose instance holds the clicks; None when no instance does."""
         predictor = self.predictor
         cells = pixel_cells(points, encoding.height, encoding.width, predictor.low_res)
-        lookup = functools.cache(lambda text, index: predictor.text_candidates(encoding, text, index))
         if initial is None:
-            text = structure_under_clicks(texts, lookup, cells, labels)
+            lookup = functools.partial(predictor.text_candidates, encoding)
+            text = structure_under_clicks(texts, lookup, cells, labels, chunk=predictor.batch_size)
             if text is None:
                 logger.info("No detector instance holds the clicks: the tracker answers them")
                 return None
@@ -190,7 +190,9 @@ class VolumeSegmenter:
             initial = PromptResult(*predictor.empty_result(encoding))
         else:
             (text,) = texts
-        candidates = functools.partial(lookup, text)
+        candidates = functools.cache(
+            lambda index: tuple(t[0] for t in predictor.text_candidates(encoding, [text], index))
+        )
         logits, scores = refine_with_instances(initial.logits, initial.scores, candidates, cells, labels)
         return PromptResult(logits=logits, scores=scores)
 

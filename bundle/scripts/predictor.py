@@ -206,13 +206,13 @@ class Medsam3Predictor:
         backbone_out = {"vision_features": feats[-1], "vision_pos_enc": pos, "backbone_fpn": feats, **text}
         return self.model.detector.forward_presence_gated(backbone_out, find_stage(img_ids, text_ids), threshold)
 
-    def text_candidates(self, encoding: VolumeEncoding, prompt: str, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every instance the detector proposes for ``prompt`` on slice ``index``, whatever its score: Q x h x w mask
-        logits and Q scores, for clicks to choose from (:mod:`scripts.click_selection`)."""
-        pair = torch.tensor([index, 0, 0], device=self.device)[:, None]  # slice, image in batch, text
+    def text_candidates(self, encoding: VolumeEncoding, prompts: Sequence[str], index: int) -> tuple[torch.Tensor, ...]:
+        """Every instance the detector proposes for each prompt on slice ``index``, whatever its score: P x Q x h x w
+        mask logits and P x Q scores, for clicks to choose from (:mod:`scripts.click_selection`); one forward."""
+        pairs = (torch.tensor([index]), torch.zeros(len(prompts), dtype=torch.long), torch.arange(len(prompts)))
         with self._running(), self.timer.stage("heads"):
-            out = self._detect(encoding, self._encode_text([prompt]), tuple(pair), threshold=-1.0)
-        return out["pred_masks"][0].float(), out["pred_logits"][0].float().sigmoid().squeeze(-1)
+            out = self._detect(encoding, self._encode_text(prompts), tuple(t.to(self.device) for t in pairs), -1.0)
+        return out["pred_masks"].float(), out["pred_logits"].float().sigmoid().squeeze(-1)
 
     @property
     def low_res(self) -> int:
