@@ -60,6 +60,16 @@ def test_the_carried_instance_stops_below_the_overlap_asked_for() -> None:
         refine_with_instances(logits, scores, Instances(), np.array([[3, 4, 5]]), np.array([1]), min_overlap=0.0)
 
 
+def test_the_carried_instance_passes_a_clicked_slice_only_when_it_agrees_with_its_clicks() -> None:
+    empty = torch.full((D, LOW, LOW), OFF)
+    far = np.array([[2, 4, 4], [4, 14, 14]])  # foreground on slice 2's left square, background far from slice 4's
+    new, _ = refine_with_instances(empty, torch.zeros(D), Instances(), far, np.array([1, 0]))
+    assert [index for index in range(D) if (new[index] > 0).any()] == [1, 2, 3, 4, 5]
+    inside = np.array([[2, 4, 4], [4, 4, 6]])  # the background click inside slice 4's left square (columns 4-8)
+    new, _ = refine_with_instances(empty, torch.zeros(D), Instances(), inside, np.array([1, 0]))
+    assert [index for index in range(D) if (new[index] > 0).any()] == [1, 2, 3]
+
+
 def test_a_background_click_drops_the_instance_under_it_for_one_that_overlaps_the_result() -> None:
     both = torch.maximum(_square(2, 3, 5), _square(2, 10, 5))
     logits, scores = torch.stack([both] * D), torch.full((D,), 0.9)

@@ -9,7 +9,7 @@ choice most, while that overlap (intersection over union) stays at least ``min_o
 the text result. A slice whose result already agrees with its clicks is left as it is.
 
 Without a text prompt, :func:`structure_under_clicks` first finds which prompt's instance holds the clicks on the
-first clicked slice, and that prompt's instances are followed from there.
+slice of the first foreground click given, and that prompt's instances are followed from there.
 
 This serves models whose detector learnt the structures but whose tracker did not learn clicks (the demo model,
 ``docs/clicks.md``). Everything here works on low-resolution mask logits and is pure tensor geometry.
@@ -40,19 +40,18 @@ def refine_with_instances(
     if not 0.0 < min_overlap <= 1.0:
         raise ValueError(f"min_overlap must be in (0, 1], got {min_overlap}")
     logits, scores = logits.clone(), scores.clone()
-    clicked = sorted({int(d) for d in cells[:, 0]})
-    for index in clicked:
-        positive, negative = _clicks_on(cells, labels, index)
+    clicks = {int(index): _clicks_on(cells, labels, int(index)) for index in np.unique(cells[:, 0])}
+    for index, (positive, negative) in clicks.items():
         current = logits[index] > 0
-        if all(bool(current[cell]) for cell in positive) and not any(bool(current[cell]) for cell in negative):
+        if _agrees(current, positive, negative):
             continue  # the result already agrees with every click on this slice
         masks, instance_scores = candidates(index)
         chosen = _consistent_instance(masks > 0, instance_scores, current, positive, negative)
         if chosen is None:  # no instance fits: the slice keeps its result (the clicked voxels are set anyway)
             continue
-        logits[index], scores[index] = masks[chosen].to(logits.dtype), instance_scores[chosen]
+        logits[index], scores[index] = _in_dtype(masks[chosen], logits), instance_scores[chosen]
         for step in (1, -1):
-            _carry(logits, scores, candidates, index, step, set(clicked), min_overlap)
+            _carry(logits, scores, candidates, index, step, clicks, min_overlap)
     return logits, scores
 
 
@@ -63,27 +62,36 @@ def structure_under_clicks(
     labels: np.ndarray,
     chunk: int = 8,
 ) -> str | None:
-    """The prompt whose instance on the first foreground click's slice holds that slice's foreground clicks and none
-    of its background clicks with the highest score; None when no prompt has such an instance. ``candidates`` answers
-    ``chunk`` prompts at a time (P x Q x h x w logits, P x Q scores)."""
+    """The prompt with an instance, on the slice of the first foreground click given, that holds the most of that
+    slice's foreground clicks and none of its background clicks, the highest-scoring one among equals; None when no
+    prompt has such an instance. ``candidates`` answers ``chunk`` prompts at a time (P x Q x h x w, P x Q)."""
     index = int(cells[labels == 1][0, 0])
     positive, negative = _clicks_on(cells, labels, index)
-    best: tuple[float, str] | None = None
+    best: tuple[int, float, str] | None = None
     for start in range(0, len(prompts), chunk):
         names = prompts[start : start + chunk]
         for prompt, masks, scores in zip(names, *candidates(names, index), strict=True):
             nothing = torch.zeros_like(masks[0], dtype=torch.bool)
             chosen = _consistent_instance(masks > 0, scores, nothing, positive, negative)
-            if chosen is not None and (best is None or float(scores[chosen]) > best[0]):
-                best = (float(scores[chosen]), prompt)
-    return None if best is None else best[1]
+            if chosen is None:
+                continue
+            key = (sum(bool(masks[chosen][cell] > 0) for cell in positive), float(scores[chosen]), prompt)
+            if best is None or key[:2] > best[:2]:
+                best = key
+    return None if best is None else best[2]
+
+
+Clicks = dict[int, tuple[list[tuple[int, int]], list[tuple[int, int]]]]  # slice -> (foreground, background) cells
 
 
 def _clicks_on(cells: np.ndarray, labels: np.ndarray, index: int) -> tuple[list, list]:
     on_slice = cells[:, 0] == index
-    return [tuple(c) for c in cells[on_slice & (labels == 1), 1:]], [
-        tuple(c) for c in cells[on_slice & (labels == 0), 1:]
-    ]
+    foreground = [tuple(int(v) for v in c) for c in cells[on_slice & (labels == 1), 1:]]
+    return foreground, [tuple(int(v) for v in c) for c in cells[on_slice & (labels == 0), 1:]]
+
+
+def _agrees(mask: torch.Tensor, positive: list, negative: list) -> bool:
+    return all(bool(mask[cell]) for cell in positive) and not any(bool(mask[cell]) for cell in negative)
 
 
 def _consistent_instance(
@@ -97,9 +105,9 @@ def _consistent_instance(
     one; with background clicks only it must overlap the current result (there is nothing to correct otherwise)."""
     best: tuple[int, float, float, int] | None = None
     for q, mask in enumerate(masks):
-        inside = sum(bool(mask[r, c]) for r, c in positive)
+        inside = sum(bool(mask[cell]) for cell in positive)
         overlap = float(_iou(mask, current))
-        if (inside == 0 if positive else overlap == 0) or any(bool(mask[r, c]) for r, c in negative):
+        if (inside == 0 if positive else overlap == 0) or any(bool(mask[cell]) for cell in negative):
             continue
         key = (inside, overlap, float(scores[q]), q)
         if best is None or key[:3] > best[:3]:
@@ -113,21 +121,27 @@ def _carry(
     candidates: Candidates,
     start: int,
     step: int,
-    clicked: set[int],
+    clicks: Clicks,
     min_overlap: float,
 ) -> None:
-    """Follow the chosen instance from slice ``start`` in direction ``step`` while it overlaps enough."""
+    """Follow the chosen instance from slice ``start`` in direction ``step`` while it overlaps enough; a clicked slice
+    is passed only when the instance it would take there agrees with its clicks."""
     previous = logits[start] > 0
     index = start + step
-    while 0 <= index < logits.shape[0] and index not in clicked and bool(previous.any()):
+    while 0 <= index < logits.shape[0] and bool(previous.any()):
         masks, instance_scores = candidates(index)
         overlaps = _iou(masks > 0, previous)
         best = int(overlaps.argmax())
-        if float(overlaps[best]) < min_overlap:
+        if float(overlaps[best]) < min_overlap or not _agrees(masks[best] > 0, *clicks.get(index, ([], []))):
             return
-        logits[index], scores[index] = masks[best].to(logits.dtype), instance_scores[best]
+        logits[index], scores[index] = _in_dtype(masks[best], logits), instance_scores[best]
         previous = masks[best] > 0
         index += step
+
+
+def _in_dtype(mask_logits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``mask_logits`` in ``like``'s dtype, clamped so very negative logits stay finite in float16."""
+    return mask_logits.clamp_min(torch.finfo(like.dtype).min).to(like.dtype)
 
 
 def _iou(masks: torch.Tensor, other: torch.Tensor) -> torch.Tensor:

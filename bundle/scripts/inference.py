@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,7 +98,7 @@ class VolumeSegmenter:
             entry = resolved[0] if resolved else None
             encoding = encoding_for(entry)
             initial = self.predictor.segment_text(encoding, entry.prompts[:1])[0] if entry else None
-            texts = list(entry.prompts[:1]) if entry else self._prompts_sharing(image, modality)
+            texts = (lambda: list(entry.prompts[:1])) if entry else functools.partial(self._unnamed, image, modality)
             results = [self._geometric(encoding, view, prompts, initial, texts, image.is_2d)]
             (value,) = vocabulary_values([entry or UNNAMED_OBJECT], self.vocabulary)
             rows = [self._row(entry, results[0], "clicks" if len(prompts.points) else "boxes", value=value)]
@@ -148,7 +149,7 @@ class VolumeSegmenter:
         view: SliceView,
         prompts: PromptSet,
         initial: PromptResult | None,
-        texts: list[str],
+        texts: Callable[[], list[str]],
         is_2d: bool,
     ) -> PromptResult:
         if len(prompts.boxes):
@@ -174,29 +175,32 @@ class VolumeSegmenter:
         points: np.ndarray,
         labels: np.ndarray,
         initial: PromptResult | None,
-        texts: list[str],
+        texts: Callable[[], list[str]],
     ) -> PromptResult | None:
         """Clicks choose among the detector's instances (:mod:`scripts.click_selection`): those of the text prompt,
-        or without one, of the prompt whose instance holds the clicks; None when no instance does."""
+        or without one, of the prompt whose instance holds the clicks. None (the tracker answers) when there is no
+        text prompt and no prompt's instance holds the clicks."""
         predictor = self.predictor
         cells = pixel_cells(points, encoding.height, encoding.width, predictor.low_res)
         if initial is None:
             lookup = functools.partial(predictor.text_candidates, encoding)
-            text = structure_under_clicks(texts, lookup, cells, labels, chunk=predictor.batch_size)
+            text = structure_under_clicks(texts(), lookup, cells, labels, chunk=predictor.batch_size)
             if text is None:
                 logger.info("No detector instance holds the clicks: the tracker answers them")
                 return None
             logger.info("Clicks without a text prompt follow the instances of %r", text)
             initial = PromptResult(*predictor.empty_result(encoding))
         else:
-            (text,) = texts
-        candidates = functools.cache(
-            lambda index: tuple(t[0] for t in predictor.text_candidates(encoding, [text], index))
-        )
+            (text,) = texts()
+
+        def candidates(index: int) -> tuple[torch.Tensor, torch.Tensor]:  # not kept: 66 MB per slice at base
+            masks, scores = predictor.text_candidates(encoding, [text], index)
+            return masks[0], scores[0]
+
         logits, scores = refine_with_instances(initial.logits, initial.scores, candidates, cells, labels)
         return PromptResult(logits=logits, scores=scores)
 
-    def _prompts_sharing(self, image: ImageVolume, modality: str) -> list[str]:
+    def _unnamed(self, image: ImageVolume, modality: str) -> list[str]:
         """The vocabulary's prompts answered on the intensity preset of clicks without a text prompt."""
         preset = preset_for(image, self.vocabulary, None, modality)
         entries = [self.vocabulary.resolve(name) for name in self.vocabulary.names]
