@@ -164,8 +164,8 @@ def test_infer_by_series_uid_and_dicom_seg_out(chain: Chain, tmp_path: Path) -> 
     nrrd, result = client.infer("medsam3_auto", chain.series["ct"], {"labels": "liver", "result_extension": ".nrrd"})
     answered = read_image(nrrd)
     assert answered.shape == read_image(chain.folders["ct"]).shape and result["label_names"]["liver"] == 1
-    # The previous demo model on this held-out phantom: liver Dice 0.648 from the PACS, as from the same phantom in a NIfTI
-    # or a local DICOM folder (measured); a flipped or swapped axis on the way would fall far below.
+    # The previous demo model on this held-out phantom: liver Dice 0.648 from the PACS, as from the same phantom in a
+    # NIfTI or a local DICOM folder (measured); a flipped or swapped axis on the way would fall far below.
     assert _dice(answered.array == 1, truth) > 0.6
     seg_file, _ = client.infer("medsam3_auto", chain.series["ct"], {"labels": "liver", "result_extension": ".dcm"})
     seg = pydicom.dcmread(seg_file)
