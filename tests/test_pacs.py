@@ -22,6 +22,7 @@ import pytest
 import requests
 from monailabel.client import MONAILabelClient
 from monailabel.config import settings as monailabel_settings
+from monailabel.interfaces.exception import ImageNotFoundException
 from monailabel_server import REPO, free_port, server_process
 from orthanc import USER, Pacs, available, run_orthanc
 
@@ -98,10 +99,17 @@ def _pacs_settings(chain: Chain, tmp_path: Path, monkeypatch, **conf: str) -> Ap
 
 
 def test_modalities_option_narrows_the_list(chain: Chain, tmp_path: Path, monkeypatch) -> None:
-    """``--conf dicomweb_modalities MR``: only MR series are listed (the datastore the app builds, in this process)."""
+    """``--conf dicomweb_modalities MR``: only MR series are listed, and a CT series is not served even by its UID
+    (the datastore the app builds, in this process)."""
     settings = _pacs_settings(chain, tmp_path, monkeypatch, dicomweb_modalities="mr")
     store = PacsDatastore(chain.pacs.dicomweb, settings, {}, load_vocabulary(), str(tmp_path))
     assert store.list_images() == [chain.series["mr"]]
+    with pytest.raises(ImageNotFoundException, match="is CT: this server serves MR series only"):
+        store.get_image_uri(chain.series["ct"])
+    assert not [p for p in Path(store._datastore.image_path()).iterdir() if chain.series["ct"] in p.name]
+    assert (
+        read_image(store.get_image_uri(chain.series["mr"])).array.shape == read_image(chain.folders["mr"]).array.shape
+    )
     password = tmp_path / "password"
     monkeypatch.setattr(monailabel_settings, "MONAI_LABEL_DICOMWEB_USERNAME", "")
     with pytest.raises(ValueError, match="dicomweb_password_file needs --conf dicomweb_user"):
@@ -152,6 +160,7 @@ def test_a_failed_conversion_copy_leaves_nothing_in_the_cache(chain: Chain, tmp_
     assert not [p for p in images.iterdir() if p.name.startswith(safe_paths.TEMP_PREFIX)]
     assert shutil.copyfileobj is not disk_full
     assert read_image(store.get_image_uri(uid)).array.shape == read_image(chain.folders["ct"]).array.shape
+    assert not store._fetching  # the per-series locks are dropped once fetched, failed or not
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

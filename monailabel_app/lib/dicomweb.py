@@ -2,7 +2,8 @@
 
 MONAI Label's DICOMweb datastore, with what a hospital needs changed:
 
-* every image series is listed (CT, MR, PT, ...), not only ``Modality=CT``; ``--conf dicomweb_modalities`` narrows it;
+* every image series is listed (CT, MR, PT, ...), not only ``Modality=CT``; ``--conf dicomweb_modalities`` narrows
+  what is listed and what is served (a series of another modality is a 404 even when asked by its UID);
 * the series list is cached for ``--conf dicomweb_cache_seconds`` (30), not two hours, so new studies appear;
 * a downloaded series is checked (missing slices, uneven spacing, multi-frame, SR/SEG...) and converted by the
   bundle's reader: a bad series is a 400 naming the problem, an unknown one a 404;
@@ -23,6 +24,7 @@ import shutil
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,14 @@ SERIES_UID, MODALITY = "0020000E", "00080060"
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
+@dataclass
+class _Fetching:
+    """The lock of one series being fetched, and how many requests hold or wait for it."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    users: int = 0
+
+
 class PacsDatastore(DICOMWebDatastore):
     """MONAI Label's DICOMweb datastore with image-only listing, a short cache, checked series and coded SEGs."""
 
@@ -70,7 +80,7 @@ class PacsDatastore(DICOMWebDatastore):
         self._listing: tuple[float, list[str]] = (float("-inf"), [])
         self._labelled: tuple[float, list[str]] = (float("-inf"), [])
         self._lock = threading.Lock()
-        self._fetching: dict[str, threading.Lock] = {}  # one lock per series being fetched
+        self._fetching: dict[str, _Fetching] = {}  # one per series being fetched
         client = DICOMwebClientX(
             url=url,
             session=_session(settings),
@@ -96,7 +106,7 @@ class PacsDatastore(DICOMWebDatastore):
         series = []
         for found in self._client.search_for_series(search_filters={}, get_remaining=True):
             uid = (found.get(SERIES_UID, {}).get("Value") or [""])[0]
-            kind = str((found.get(MODALITY, {}).get("Value") or [""])[0]).upper()
+            kind = _modality(found)
             if uid and kind not in NOT_IMAGES and (not self.modalities or kind in self.modalities):
                 series.append(uid)
         with self._lock:
@@ -126,16 +136,30 @@ class PacsDatastore(DICOMWebDatastore):
         if converted.exists():
             return str(converted)
         with self._lock:
-            fetching = self._fetching.setdefault(image_id, threading.Lock())
-        with fetching:
-            if not converted.exists():
-                self._fetch(image_id, converted)
+            fetching = self._fetching.setdefault(image_id, _Fetching())
+            fetching.users += 1
+        try:
+            with fetching.lock:
+                if not converted.exists():
+                    self._fetch(image_id, converted)
+        finally:
+            with self._lock:  # dropped by its last user: a lock per series ever asked would grow without bound
+                fetching.users -= 1
+                if not fetching.users:
+                    del self._fetching[image_id]
         return str(converted)
 
     def _fetch(self, image_id: str, converted: Path) -> None:
         image_path = converted.parent
-        if not self._client.search_for_series(search_filters={"SeriesInstanceUID": image_id}):
+        found = self._client.search_for_series(search_filters={"SeriesInstanceUID": image_id})
+        if not found:
             raise ImageNotFoundException(f"No series {image_id!r:.80} in the PACS")
+        kind = _modality(found[0])
+        if self.modalities and kind not in NOT_IMAGES and kind not in self.modalities:
+            raise ImageNotFoundException(
+                f"Series {image_id} is {kind or 'of no modality'}: this server serves "
+                f"{', '.join(sorted(self.modalities))} series only (--conf dicomweb_modalities)"
+            )
         series_dir = image_path / image_id
         if not series_dir.is_dir() or not any(series_dir.iterdir()):
             partial = image_path / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"  # removed at start-up if killed
@@ -204,6 +228,11 @@ class PacsDatastore(DICOMWebDatastore):
         info = self._dicom_info(image_id)
         logger.info("Stored DICOM SEG %s for series %s in the PACS", seg_series, image_id)
         return {"SeriesInstanceUID": seg_series, **{k: info[k] for k in ("Modality", "PatientID", "StudyInstanceUID")}}
+
+
+def _modality(found: dict[str, Any]) -> str:
+    """The Modality of a QIDO-RS series result, upper case ('' when the PACS does not say)."""
+    return str((found.get(MODALITY, {}).get("Value") or [""])[0]).upper()
 
 
 def _is_uid(text: str) -> bool:
