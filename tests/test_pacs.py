@@ -99,8 +99,8 @@ def _pacs_settings(chain: Chain, tmp_path: Path, monkeypatch, **conf: str) -> Ap
 
 
 def test_modalities_option_narrows_the_list(chain: Chain, tmp_path: Path, monkeypatch) -> None:
-    """``--conf dicomweb_modalities MR``: only MR series are listed, and a CT series is not served even by its UID
-    (the datastore the app builds, in this process)."""
+    """``--conf dicomweb_modalities MR``: only MR series are listed, and a CT series is not served even by its UID,
+    whether it is new or was cached before the setting narrowed (the datastore the app builds, in this process)."""
     settings = _pacs_settings(chain, tmp_path, monkeypatch, dicomweb_modalities="mr")
     store = PacsDatastore(chain.pacs.dicomweb, settings, {}, load_vocabulary(), str(tmp_path))
     assert store.list_images() == [chain.series["mr"]]
@@ -110,6 +110,10 @@ def test_modalities_option_narrows_the_list(chain: Chain, tmp_path: Path, monkey
     assert (
         read_image(store.get_image_uri(chain.series["mr"])).array.shape == read_image(chain.folders["mr"]).array.shape
     )
+    cache, wide = str(tmp_path / "cache"), _pacs_settings(chain, tmp_path, monkeypatch)
+    PacsDatastore(chain.pacs.dicomweb, wide, {}, None, cache).get_image_uri(chain.series["ct"])  # cached while wide
+    with pytest.raises(ImageNotFoundException, match="is CT: this server serves MR series only"):
+        PacsDatastore(chain.pacs.dicomweb, settings, {}, None, cache).get_image_uri(chain.series["ct"])
     password = tmp_path / "password"
     monkeypatch.setattr(monailabel_settings, "MONAI_LABEL_DICOMWEB_USERNAME", "")
     with pytest.raises(ValueError, match="dicomweb_password_file needs --conf dicomweb_user"):

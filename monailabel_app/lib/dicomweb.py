@@ -133,7 +133,9 @@ class PacsDatastore(DICOMWebDatastore):
         if not _is_uid(image_id):  # never a path: the id names a file in the cache
             raise ImageNotFoundException(f"{image_id!r:.80} is not a SeriesInstanceUID")
         converted = Path(self._datastore.image_path()) / f"{image_id}.nii.gz"
-        if converted.exists():
+        if converted.exists():  # fetched earlier, perhaps before dicomweb_modalities was narrowed
+            cached = self._datastore.objects.get(image_id)
+            self._check_modality(image_id, cached.image.info.get("Modality", "") if cached else "")
             return str(converted)
         with self._lock:
             fetching = self._fetching.setdefault(image_id, _Fetching())
@@ -154,12 +156,7 @@ class PacsDatastore(DICOMWebDatastore):
         found = self._client.search_for_series(search_filters={"SeriesInstanceUID": image_id})
         if not found:
             raise ImageNotFoundException(f"No series {image_id!r:.80} in the PACS")
-        kind = _modality(found[0])
-        if self.modalities and kind not in NOT_IMAGES and kind not in self.modalities:
-            raise ImageNotFoundException(
-                f"Series {image_id} is {kind or 'of no modality'}: this server serves "
-                f"{', '.join(sorted(self.modalities))} series only (--conf dicomweb_modalities)"
-            )
+        self._check_modality(image_id, _modality(found[0]))
         series_dir = image_path / image_id
         if not series_dir.is_dir() or not any(series_dir.iterdir()):
             partial = image_path / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"  # removed at start-up if killed
@@ -175,6 +172,16 @@ class PacsDatastore(DICOMWebDatastore):
             written = write_image(volume.array, volume, Path(work) / f"{image_id}.nii.gz")
             # Atomic: a server killed while copying leaves no truncated file that later requests would trust.
             register_image(self, image_id, str(written), str(converted), ".nii.gz", self._dicom_info(image_id))
+
+    def _check_modality(self, image_id: str, kind: str) -> None:
+        """Serve only the modalities ``--conf dicomweb_modalities`` lists (all when empty); SR, SEG and other
+        non-images pass here and are refused by the series check with a 400 that says so."""
+        kind = kind.upper()
+        if self.modalities and kind not in NOT_IMAGES and kind not in self.modalities:
+            raise ImageNotFoundException(
+                f"Series {image_id} is {kind or 'of no modality'}: this server serves "
+                f"{', '.join(sorted(self.modalities))} series only (--conf dicomweb_modalities)"
+            )
 
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
         """A label submitted through this server from the cache, where it was kept with its ``label_info``;
