@@ -53,6 +53,25 @@ def test_settings_are_typed_and_checked(tmp_path) -> None:
     assert "weights not found at /x.pt" in missing.status
 
 
+def test_bundle_configs_apply_over_inference_json(tmp_path) -> None:
+    """``--conf configs demo.json`` serves what ``--config_file "['inference.json','demo.json']"`` runs (the demo
+    model, its threshold and click refinement); single ``--conf`` ids still win; only the bundle's own configs."""
+    demo = AppSettings.from_conf({"configs": "demo.json", "score_threshold": "0.3"})
+    assert demo.overrides["score_threshold"] == 0.3 and demo.overrides["click_refinement"] == "instances"
+    service = ModelService(AppSettings.from_conf({"configs": "demo.json"}), PublishedWeights(tmp_path))
+    assert service.ready and Path(service.base_checkpoint).name == "demo_tiny.pt"
+    assert service._segmenter.predictor.score_threshold == 0.4 and service._segmenter.click_refinement == "instances"
+    for name, message in (
+        ("../configs/demo.json", "file names in the bundle's configs folder"),
+        ("/etc/passwd", "file names in the bundle's configs folder"),
+        ("missing.json", "cannot read"),
+        ("train.json", "are not inference.json ids the app may set"),
+        ("vocabulary.json", "are not inference.json ids the app may set"),
+    ):
+        with pytest.raises(ValueError, match=f"--conf configs .*{message}"):
+            AppSettings.from_conf({"configs": name})
+
+
 def test_offered_labels_are_numbered_from_one(service) -> None:
     assert service.offered_labels(["spleen", "Liver", "liver"]) == {"spleen": 1, "liver": 2}
     assert list(service.offered_labels().values()) == list(range(1, len(service.vocabulary) + 1))

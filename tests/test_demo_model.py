@@ -144,8 +144,7 @@ def server(held_out: Path, tmp_path_factory) -> Iterator[str]:
     studies = tmp_path_factory.mktemp("studies")
     for name, *_ in HELD_OUT_CASES:
         (studies / f"{name}.nii.gz").write_bytes((held_out / "images" / f"{name}.nii.gz").read_bytes())
-    conf = ["--conf", "model_size", "tiny", "--conf", "ckpt_path", str(DEMO_MODEL), "--conf", "click_refinement"]
-    conf += ["instances", "--conf", "score_threshold", "0.4"]  # as demo.json, which the command line uses
+    conf = ["--conf", "configs", "demo.json"]  # the demo.json the command line uses
     yield from launch_server(tmp_path_factory.mktemp("server"), studies, free_port(), *conf)
 
 

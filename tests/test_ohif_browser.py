@@ -90,8 +90,7 @@ def server(pacs: orthanc.Pacs, study: Study, artefacts: Path, tmp_path_factory) 
     root = tmp_path_factory.mktemp("server")
     password = root / "pacs_password"
     password.write_text(pacs.auth[1])
-    conf = ["--conf", "model_size", "tiny", "--conf", "ckpt_path", str(REPO / "bundle" / "models" / "demo_tiny.pt")]
-    conf += ["--conf", "click_refinement", "instances", "--conf", "score_threshold", "0.4"]  # as demo.json
+    conf = ["--conf", "configs", "demo.json"]  # the demo model, as the README runs it
     conf += ["--conf", "dicomweb_user", pacs.auth[0], "--conf", "dicomweb_password_file", str(password)]
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MONAI_LABEL_DICOMWEB_USERNAME", raising=False)

@@ -6,6 +6,9 @@ Two kinds of option:
   the uncertainty scoring and where fine-tuning runs go;
 * everything else overrides an id of the bundle's ``configs/inference.json`` (``model_size``, ``ckpt_path``,
   ``batch_size``, ...), typed like the value it replaces; the trainer passes the same overrides to ``train.json``.
+  ``--conf configs demo.json`` first applies other configs of the bundle over ``inference.json``, as
+  ``monai.bundle run --config_file "['configs/inference.json','configs/demo.json']"`` does; single ``--conf`` ids
+  still win.
   ``checkpoint``, ``tracker_checkpoint``, ``device`` and ``vocabulary`` are accepted as the earlier names of
   ``ckpt_path``, ``tracker_ckpt_path``, ``device_name`` and ``vocabulary_file``.
 """
@@ -13,6 +16,7 @@ Two kinds of option:
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,7 @@ ALIASES = {
 PER_RUN_IDS = {"imports", "bundle_root", "image", "datalist", "prompts", "points", "point_labels", "boxes", "device"}
 PER_RUN_IDS |= {"output_dir", "output_ext", "initialize", "run", "network", "network_def", "predictor", "inferer"}
 PER_RUN_IDS |= {"vocabulary"}
+_CONFIG_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*\.json")
 MINIMUM = {
     "cache_mb": 0,
     "dicomweb_cache_seconds": 0,
@@ -48,6 +53,7 @@ class AppSettings:
     """The app's own options, plus ``overrides`` of the bundle's inference config; unknown keys are refused."""
 
     bundle: str = str(BUNDLE_ROOT)  # the bundle folder to serve (e.g. a fine-tuned copy)
+    configs: str = ""  # comma-separated files of <bundle>/configs applied over inference.json (e.g. demo.json)
     labels: str = ""  # comma-separated names the tasks offer; empty = the whole vocabulary
     scoring_labels: str = ""  # comma-separated names the uncertainty scoring uses; empty = scoring off
     cache_mb: int = 4096  # image encodings kept for repeated clicks (least recently used first out)
@@ -77,7 +83,7 @@ class AppSettings:
                 values[key] = _typed(key, conf[key], own[key].default)
         bundle = Path(values.get("bundle", cls.bundle))
         serving = serving_defaults(bundle)
-        overrides, unknown = {}, []
+        overrides, unknown = config_overrides(bundle, names(values.get("configs", "")), serving), []
         for key, raw in conf.items():
             if key in own:
                 continue
@@ -114,6 +120,27 @@ def serving_defaults(bundle: str | Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"--conf bundle {bundle}: cannot read {path} ({error})") from error
     return {k: v for k, v in config.items() if k not in PER_RUN_IDS and not isinstance(v, (dict, list))}
+
+
+def config_overrides(bundle: str | Path, files: list[str], serving: dict[str, Any]) -> dict[str, Any]:
+    """The ids that ``files`` (names in ``<bundle>/configs``, in order) set over inference.json; each must be one a
+    site may set (``serving``)."""
+    overrides: dict[str, Any] = {}
+    for name in files:
+        if not _CONFIG_NAME.fullmatch(name):
+            raise ValueError(f"--conf configs takes file names in the bundle's configs folder, got {name!r:.80}")
+        path = Path(bundle) / "configs" / name
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"--conf configs {name}: cannot read {path} ({error})") from error
+        if not isinstance(config, dict):
+            raise ValueError(f"--conf configs {name}: {path} is not a JSON object")
+        unknown = sorted(key for key in config if key not in serving)
+        if unknown:
+            raise ValueError(f"--conf configs {name}: {unknown} are not inference.json ids the app may set")
+        overrides.update(config)
+    return overrides
 
 
 def _typed(key: str, raw: str, default: Any) -> Any:
