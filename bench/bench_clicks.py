@@ -1,4 +1,4 @@
-"""Benchmark: seconds per click request on the demo model, ``click_refinement`` ``tracker`` against ``instances``.
+"""Benchmark: seconds per click request on the demo model, ``click_refinement`` ``tracker``, ``instances`` and ``auto``.
 
     .venv/bin/python bench/bench_clicks.py --output bench/results/clicks_demo_cpu.json
 
@@ -71,7 +71,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         write_held_out_dataset(folder)
-        for mode in ("tracker", "instances"):
+        for mode in ("tracker", "instances", "auto"):
             segmenter = VolumeSegmenter(
                 Medsam3Predictor(model, score_threshold=THRESHOLD),
                 vocabulary,

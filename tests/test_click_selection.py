@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.click_selection import refine_with_instances, structure_under_clicks
+from scripts.click_selection import follows_clicks, refine_with_instances, structure_under_clicks
 from scripts.low_res_grid import pixel_cells
 
 D, LOW = 7, 16
@@ -97,6 +97,15 @@ def test_clicks_the_result_already_agrees_with_change_nothing() -> None:
     cells, labels = np.array([[3, 4, 11], [3, 14, 1]]), np.array([1, 0])
     new, new_scores = refine_with_instances(logits, scores, instances, cells, labels)
     assert torch.equal(new, logits) and torch.equal(new_scores, scores) and instances.asked == []
+
+
+def test_a_result_follows_clicks_when_it_holds_every_foreground_and_no_background_click() -> None:
+    logits, _ = _text_result()  # the right square (rows 2-6, columns 10-14) on every slice
+    inside, outside = [3, 4, 11], [3, 14, 1]
+    assert follows_clicks(logits, np.array([inside, outside]), np.array([1, 0]))
+    assert follows_clicks(logits, np.array([inside, [5, 3, 12]]), np.array([1, 1]))  # clicks on two slices
+    assert not follows_clicks(logits, np.array([inside, [5, 14, 1]]), np.array([1, 1]))  # one slice's click missed
+    assert not follows_clicks(logits, np.array([inside, [3, 4, 12]]), np.array([1, 0]))  # a background click inside
 
 
 def test_the_structure_under_unnamed_clicks_is_the_best_scoring_prompt_holding_them() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 from pathlib import Path
 
 import nibabel as nib
@@ -26,7 +27,7 @@ SPACING = (1.2, 1.5, 3.0)
 @pytest.fixture(scope="module")
 def segmenter() -> VolumeSegmenter:
     predictor = Medsam3Predictor(tiny_model(seed=2), batch_size=6, score_threshold=0.0, max_empty_slices=None)
-    return VolumeSegmenter(predictor, load_vocabulary())
+    return VolumeSegmenter(predictor, load_vocabulary(), click_refinement="tracker")
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +127,32 @@ def test_clicks_choosing_the_detectors_instances_in_2d_and_3d(segmenter, phantom
         tracker = segmenter.segment(image, prompts).label
         assert not np.array_equal(result.label, tracker)  # the instances answered, not the tracker
     assert "Clicks without a text prompt follow the instances of" in caplog.text
-    with pytest.raises(ValueError, match="click_refinement must be 'tracker' or 'instances', got 'both'"):
+    with pytest.raises(ValueError, match="click_refinement must be one of auto, tracker, instances, got 'both'"):
         VolumeSegmenter(segmenter.predictor, segmenter.vocabulary, click_refinement="both")
+
+
+def test_auto_keeps_the_trackers_answer_only_where_it_follows_the_clicks(segmenter, phantoms, caplog) -> None:
+    """``click_refinement: auto`` (the default): the tracker's answer stands when it holds every foreground click and
+    no background click; otherwise the detector's instances answer, as with ``instances``. The random tracker follows
+    some single clicks and not others; both kinds are looked for on a grid of clicks."""
+    modes = {
+        mode: VolumeSegmenter(segmenter.predictor, segmenter.vocabulary, click_refinement=mode)
+        for mode in ("auto", "instances")
+    }
+    image = read_image(phantoms["LPS"][0])
+    seen: set[bool] = set()
+    for row, column in itertools.product(range(4, 40, 8), range(4, 36, 8)):
+        prompts = PromptSet.create(texts=["liver"], points=[[row, column, 6]], point_labels=[1])
+        caplog.clear()
+        with caplog.at_level("INFO", logger="scripts.inference"):
+            auto = modes["auto"].segment(image, prompts).label
+        fell_back = "The tracker's mask contradicts the clicks" in caplog.text
+        tracker, instances = (m.segment(image, prompts).label for m in (segmenter, modes["instances"]))
+        np.testing.assert_array_equal(auto, instances if fell_back else tracker)
+        seen.add(fell_back)
+        if seen == {True, False} and not np.array_equal(tracker, instances):
+            return
+    pytest.fail(f"the grid of clicks did not show both cases with differing answers (fell back: {seen})")
 
 
 def test_2d_pictures(segmenter, phantoms, tmp_path) -> None:

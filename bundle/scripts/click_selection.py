@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-__all__ = ["Candidates", "refine_with_instances", "structure_under_clicks"]
+__all__ = ["Candidates", "follows_clicks", "refine_with_instances", "structure_under_clicks"]
 
 Candidates = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # slice -> (Q x h x w logits, Q scores)
 
@@ -53,6 +53,12 @@ def refine_with_instances(
         for step in (1, -1):
             _carry(logits, scores, candidates, index, step, clicks, min_overlap)
     return logits, scores
+
+
+def follows_clicks(logits: torch.Tensor, cells: np.ndarray, labels: np.ndarray) -> bool:
+    """Whether a result (``logits`` D x h x w) holds every foreground click's cell and no background click's: what
+    a model that followed the clicks returns before the clicked voxels are set by rule."""
+    return all(_agrees(logits[index] > 0, *_clicks_on(cells, labels, int(index))) for index in np.unique(cells[:, 0]))
 
 
 def structure_under_clicks(

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .click_selection import refine_with_instances, structure_under_clicks
+from .click_selection import follows_clicks, refine_with_instances, structure_under_clicks
 from .encoding_cache import EncodingCache, image_key
 from .image_io import ImageVolume
 from .intensity import guess_modality
@@ -33,7 +33,7 @@ __all__ = ["SegmentationResult", "VolumeSegmenter"]
 logger = logging.getLogger(__name__)
 
 UNNAMED_OBJECT = ResolvedPrompt(name="object", index=None, prompts=(), known=False)  # clicks without a text prompt
-CLICK_REFINEMENTS = ("tracker", "instances")  # how clicks refine a text result (docs/clicks.md)
+CLICK_REFINEMENTS = ("auto", "tracker", "instances")  # how clicks refine a text result (docs/clicks.md)
 
 
 @dataclass
@@ -65,12 +65,14 @@ class VolumeSegmenter:
         plane: str = "axial",
         modality: str = "auto",
         cache: EncodingCache | None = None,
-        click_refinement: str = "tracker",
+        click_refinement: str = "auto",
     ) -> None:
         if modality not in ("auto", "CT", "MR"):
             raise ValueError(f"modality must be 'auto', 'CT' or 'MR', got {modality!r}")
         if click_refinement not in CLICK_REFINEMENTS:
-            raise ValueError(f"click_refinement must be 'tracker' or 'instances', got {click_refinement!r}")
+            raise ValueError(
+                f"click_refinement must be one of {', '.join(CLICK_REFINEMENTS)}, got {click_refinement!r}"
+            )
         self.click_refinement = click_refinement
         self.predictor = predictor
         self.vocabulary = vocabulary
@@ -163,16 +165,23 @@ class VolumeSegmenter:
                 return result
             initial = result
         points = view.points_to_view(_as_3d(prompts.points, is_2d))
+        labels = np.asarray(prompts.point_labels)
+        cells = pixel_cells(points, encoding.height, encoding.width, self.predictor.low_res)
         if self.click_refinement == "instances" and not len(prompts.boxes):
-            refined = self._refine_with_instances(encoding, points, np.asarray(prompts.point_labels), initial, texts)
+            refined = self._refine_with_instances(encoding, cells, labels, initial, texts)
             if refined is not None:
                 return refined
-        return self.predictor.segment_clicks(encoding, points, prompts.point_labels, initial=initial)
+        tracked = self.predictor.segment_clicks(encoding, points, labels, initial=initial)
+        if self.click_refinement != "auto" or len(prompts.boxes) or follows_clicks(tracked.logits, cells, labels):
+            return tracked
+        logger.info("The tracker's mask contradicts the clicks: the detector's instances answer them instead")
+        refined = self._refine_with_instances(encoding, cells, labels, initial, texts)
+        return tracked if refined is None else refined
 
     def _refine_with_instances(
         self,
         encoding: VolumeEncoding,
-        points: np.ndarray,
+        cells: np.ndarray,
         labels: np.ndarray,
         initial: PromptResult | None,
         texts: Callable[[], list[str]],
@@ -181,7 +190,6 @@ class VolumeSegmenter:
         or without one, of the prompt whose instance holds the clicks. None (the tracker answers) when there is no
         text prompt and no prompt's instance holds the clicks."""
         predictor = self.predictor
-        cells = pixel_cells(points, encoding.height, encoding.width, predictor.low_res)
         if initial is None:
             lookup = functools.partial(predictor.text_candidates, encoding)
             text = structure_under_clicks(texts(), lookup, cells, labels, chunk=predictor.batch_size)
