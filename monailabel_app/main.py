@@ -68,7 +68,9 @@ class Medsam3App(MONAILabelApp):
         if self.studies.startswith(("http://", "https://")):
             cache = monailabel_settings.MONAI_LABEL_DICOMWEB_CACHE_PATH.strip() or None
             return PacsDatastore(self.studies, self.settings, self.label_names, self.service.vocabulary, cache)
-        return open_datastore(self.studies, protected=(self.app_dir, self.settings.bundle))
+        return open_datastore(
+            self.studies, protected=(self.app_dir, self.settings.bundle), max_voxels=self.settings.max_voxels
+        )
 
     def _load_sessions(self, load: bool = False) -> SafeSessions | None:
         """MONAI Label's sessions, refusing archives that would unpack outside their folder."""

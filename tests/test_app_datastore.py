@@ -3,6 +3,7 @@ tests, then a real server sent traversal requests and killed while saving a labe
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -19,6 +20,8 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import requests
 from monailabel_server import free_port, server_process, studies
@@ -37,10 +40,20 @@ def _open(folder: Path) -> SafeLocalDatastore:
     return SafeLocalDatastore(str(folder), extensions=EXTENSIONS, auto_reload=False)
 
 
+def _nifti(shape: tuple[int, ...] = (8, 6, 4), seed: int | None = None, compress: bool = True) -> bytes:
+    """A NIfTI file's bytes: zeros (an image), or with ``seed`` random label values 0-3 (a label on its grid)."""
+    values = np.zeros(shape, np.uint8) if seed is None else np.random.default_rng(seed).integers(0, 4, shape, np.uint8)
+    data = nib.Nifti1Image(values, np.diag([1.5, 1.5, 3.0, 1.0])).to_bytes()
+    return gzip.compress(data, compresslevel=1) if compress else data
+
+
+IMAGE = _nifti()
+
+
 @pytest.fixture
 def folder(tmp_path) -> Path:
     (tmp_path / "studies").mkdir()
-    (tmp_path / "studies" / "ct.nii.gz").write_bytes(b"image")
+    (tmp_path / "studies" / "ct.nii.gz").write_bytes(IMAGE)
     return tmp_path / "studies"
 
 
@@ -58,19 +71,20 @@ def _temp_files(folder: Path) -> list[Path]:
 @pytest.mark.parametrize("failing", ["copy", "replace"])
 def test_failed_label_write_keeps_the_old_label(folder, tmp_path, monkeypatch, failing) -> None:
     store = _open(folder)
-    store.save_label("ct", _upload(tmp_path, b"old" * 1000), "final", {"model": "first"})
+    old, new = _nifti(seed=1), _nifti(seed=2)
+    store.save_label("ct", _upload(tmp_path, old), "final", {"model": "first"})
     config = (folder / "datastore_v2.json").read_text()
 
     def fail(source, dest, length=0) -> None:
         if failing == "copy":
-            dest.write(source.read(1500))  # half of the new label, then the crash
+            dest.write(source.read(len(new) // 2))  # half of the new label, then the crash
         raise OSError("disk full")
 
     target = (safe_paths.shutil, "copyfileobj") if failing == "copy" else (safe_paths.os, "replace")
     monkeypatch.setattr(*target, fail)
     with pytest.raises(OSError, match="disk full"):
-        store.save_label("ct", _upload(tmp_path, b"new" * 1000), "final", {"model": "second"})
-    assert (folder / "labels" / "final" / "ct.nii.gz").read_bytes() == b"old" * 1000
+        store.save_label("ct", _upload(tmp_path, new), "final", {"model": "second"})
+    assert (folder / "labels" / "final" / "ct.nii.gz").read_bytes() == old
     assert (folder / "datastore_v2.json").read_text() == config and not _temp_files(folder)
     if failing == "replace":
         with pytest.raises(OSError, match="disk full"):
@@ -93,7 +107,7 @@ def test_temp_files_of_dead_writers_are_removed_at_start(folder) -> None:
 )
 def test_lost_datastore_json_is_restored_from_its_backup(folder, tmp_path, caplog, damage) -> None:
     store = _open(folder)
-    store.save_label("ct", _upload(tmp_path, b"label"), "final", {"model": "medsam3", "user": "ann"})
+    store.save_label("ct", _upload(tmp_path, _nifti(seed=1)), "final", {"model": "medsam3", "user": "ann"})
     (folder / "later.nii.gz").write_bytes(b"image added after the backup")
     config = folder / "datastore_v2.json"
     config.unlink() if damage is None else config.write_text(damage)
@@ -105,7 +119,7 @@ def test_lost_datastore_json_is_restored_from_its_backup(folder, tmp_path, caplo
 
 
 def test_without_backup_the_datastore_is_rebuilt_from_the_files(folder, tmp_path, caplog) -> None:
-    _open(folder).save_label("ct", _upload(tmp_path, b"label"), "final", {"user": "ann"})
+    _open(folder).save_label("ct", _upload(tmp_path, _nifti(seed=1)), "final", {"user": "ann"})
     (folder / "datastore_v2.json").write_text("")
     (folder / ".datastore_v2.json.backup").write_text("{")
     rebuilt = _open(folder)
@@ -132,7 +146,7 @@ def test_paths_in_names_are_refused(folder, tmp_path, name) -> None:
         with pytest.raises(UnsafePath) as refused:
             call()
         assert str(tmp_path) not in refused.value.msg
-    assert _outside(tmp_path) == before and (folder / "ct.nii.gz").read_bytes() == b"image"
+    assert _outside(tmp_path) == before and (folder / "ct.nii.gz").read_bytes() == IMAGE
     assert SafeSessions(str(tmp_path / "sessions")).get_session(name) is None
 
 
@@ -145,6 +159,35 @@ def test_empty_tags_and_other_file_types_are_refused(folder, tmp_path) -> None:
     with pytest.raises(UnsafePath, match="file type '.html' is not accepted"):
         store.save_label("ct", _upload(tmp_path, "<script>", "x.html"), "final", {})
     assert not [path for path in folder.rglob("*") if path.suffix in (".py", ".html")]
+
+
+def _float_label() -> bytes:
+    return gzip.compress(nib.Nifti1Image(np.full((8, 6, 4), 0.5, np.float32), np.diag([1.5, 1.5, 3.0, 1.0])).to_bytes())
+
+
+BAD_LABELS = {
+    "not a NIfTI file": (b"label", "Label not saved: Cannot read image the label file"),
+    "cut short": (_nifti(seed=1)[:-40], "Label not saved: Cannot read image the label file"),
+    "another shape": (_nifti((8, 6, 5), seed=1), "its shape [8, 6, 5] differs from the image's [8, 6, 4]"),
+    "another spacing": (
+        gzip.compress(nib.Nifti1Image(np.zeros((8, 6, 4), np.uint8), np.diag([1.5, 1.5, 2.0, 1.0])).to_bytes()),
+        "its spacing [1.5, 1.5, 2.0] differs from the image's [1.5, 1.5, 3.0]",
+    ),
+    "fractions": (_float_label(), "Label values must be whole numbers"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_LABELS)
+def test_labels_that_are_not_label_maps_on_their_image_are_refused(folder, tmp_path, case) -> None:
+    """A submitted label is read first: the annotator hears now why it is not saved, and the saved one stays."""
+    store = _open(folder)
+    store.save_label("ct", _upload(tmp_path, (good := _nifti(seed=1))), "final", {"user": "ann"})
+    data, message = BAD_LABELS[case]
+    with pytest.raises(ValueError, match=re.escape(message)) as refused:
+        store.save_label("ct", _upload(tmp_path, data, "bad.nii.gz"), "final", {"user": "bob"})
+    assert str(tmp_path) not in str(refused.value)
+    assert (folder / "labels" / "final" / "ct.nii.gz").read_bytes() == good
+    assert store.get_label_info("ct", "final")["user"] == "ann" and not _temp_files(folder)
 
 
 OUTSIDE_HEADERS = [
@@ -251,7 +294,7 @@ def test_session_archives_leaving_their_folder_are_refused(tmp_path, kind) -> No
 
 
 CONF = ("--conf", "model_size", "tiny", "--conf", "checkpoint", "random")
-LABEL_BYTES = 48 << 20  # big enough that a kill can land while the label is written
+BIG = (384, 384, 320)  # an uncompressed uint8 label of this grid is 47 MB: a kill can land while it is written
 
 
 class Server:
@@ -302,9 +345,11 @@ def _put_image(url: str, image: str, name: str = "x.nii.gz", data: bytes = b"ima
     return requests.put(f"{url}/datastore/image", params={"image": image}, files={"file": (name, data)}, timeout=60)
 
 
-def _put_label(url: str, tag: str, data: bytes = b"label", timeout: float = 60) -> requests.Response:
-    files = {"label": ("label.nii.gz", data)}
-    return requests.put(f"{url}/datastore/label", params={"image": "ct_ras", "tag": tag}, files=files, timeout=timeout)
+def _put_label(
+    url: str, tag: str, data: bytes = b"label", timeout: float = 60, image: str = "ct_ras", name: str = "label.nii.gz"
+) -> requests.Response:
+    files = {"label": (name, data)}
+    return requests.put(f"{url}/datastore/label", params={"image": image, "tag": tag}, files=files, timeout=timeout)
 
 
 def _infer(url: str, image: str, params: dict | None = None) -> requests.Response:
@@ -358,9 +403,13 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _put_big_label(url: str, data: bytes) -> requests.Response:
+    return _put_label(url, "final", data, timeout=120, image="big", name="big.nii")
+
+
 def _put_until_killed(url: str, data: bytes) -> None:
     try:
-        _put_label(url, "final", data, timeout=120)
+        _put_big_label(url, data)
     except requests.ConnectionError:
         pass  # the server was killed before it answered
 
@@ -368,16 +417,17 @@ def _put_until_killed(url: str, data: bytes) -> None:
 @pytest.mark.slow
 def test_a_kill_while_saving_a_label_leaves_the_old_or_the_new_one(server) -> None:
     assert server.outside() == server.before  # after the requests above, before the kills
+    assert _put_image(server.url, "big", "big.nii.gz", _nifti(BIG)).status_code == 200
     folder = server.studies / "labels" / "final"
-    label = folder / "ct_ras.nii.gz"
-    old = os.urandom(LABEL_BYTES)
-    assert _put_label(server.url, "final", old, timeout=120).status_code == 200
+    label = folder / "big.nii"
+    old = _nifti(BIG, seed=1, compress=False)
+    assert _put_big_label(server.url, old).status_code == 200
     writing = {
         "while the new label is written": lambda inode: any(p.name.startswith(TEMP_PREFIX) for p in folder.iterdir()),
         "just after it replaced the old one": lambda inode: label.stat().st_ino != inode,
     }
-    for moment, reached_with in writing.items():
-        new, inode = os.urandom(LABEL_BYTES), label.stat().st_ino
+    for seed, (moment, reached_with) in enumerate(writing.items(), start=2):
+        new, inode = _nifti(BIG, seed=seed, compress=False), label.stat().st_ino
         saving = threading.Thread(target=_put_until_killed, args=(server.url, new), daemon=True)
         saving.start()
         deadline = time.time() + 120
@@ -389,10 +439,14 @@ def test_a_kill_while_saving_a_label_leaves_the_old_or_the_new_one(server) -> No
         server.start()
         on_disk = label.read_bytes()
         assert _digest(on_disk) in (_digest(old), _digest(new)), moment
-        served = requests.get(f"{server.url}/datastore/label", params={"label": "ct_ras", "tag": "final"}, timeout=60)
+        served = requests.get(f"{server.url}/datastore/label", params={"label": "big", "tag": "final"}, timeout=60)
         assert _digest(served.content) == _digest(on_disk)
         assert not _temp_files(server.studies), moment
-        assert "final" in json.loads((server.studies / "datastore_v2.json").read_text())["objects"]["ct_ras"]["labels"]
+        assert "final" in json.loads((server.studies / "datastore_v2.json").read_text())["objects"]["big"]["labels"]
         old = on_disk
-    assert _put_label(server.url, "final", b"after the crashes").status_code == 200
-    assert label.read_bytes() == b"after the crashes"
+    after = _nifti(BIG, compress=False)
+    assert _put_big_label(server.url, after).status_code == 200
+    assert label.read_bytes() == after
+    refused = _put_big_label(server.url, b"not a label")  # read before it is saved: a 400 that says why
+    assert refused.status_code == 400 and "Label not saved: Cannot read image" in refused.text, refused.text
+    assert str(server.root) not in refused.text and label.read_bytes() == after

@@ -273,7 +273,7 @@ def test_ids_are_series_uids_never_paths(chain: Chain) -> None:
         params={"image": chain.series["ct"], "tag": "final"},
         files={"label": ("l.nii.gz", chain.labels["mr"].read_bytes())},
     )
-    assert wrong_grid.status_code == 400 and "not on the series' grid" in wrong_grid.text, wrong_grid.text
+    assert wrong_grid.status_code == 400 and "not on its image's grid" in wrong_grid.text, wrong_grid.text
     image = {"file": ("x.nii.gz", chain.labels["ct"].read_bytes())}
     upload = requests.put(f"{chain.url}/datastore/image", params={"image": "x"}, files=image, timeout=30)
     assert upload.status_code == 400 and "store them there" in upload.text, upload.text

@@ -15,6 +15,7 @@ import psutil
 import pytest
 from helpers import DEMO_MODEL
 from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
 from monailabel_server import free_port, server_process, studies
 from test_monailabel_training import ADAPTER, _wait, wait_for_training_steps
 
@@ -26,18 +27,22 @@ LABEL_INFO = [{"name": "liver"}, {"name": "spleen"}]  # the phantoms' values 1 a
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[tuple[str, Path, subprocess.Popen]]:
-    """A server with a final label on every study, one of them cut short; its root folder; its process (the last
-    test kills it)."""
+    """A server with a final label on every study, one of them cut short on disk after it was saved (a cut label is
+    refused when submitted); its root folder; its process (the last test kills it)."""
     root = tmp_path_factory.mktemp("lifecycle")
     folder = studies(root)
-    truncated = root / "phantoms" / f"{IMAGES[-1]}_label.nii.gz"
-    truncated.write_bytes(truncated.read_bytes()[:100])
     conf = ["--conf", "model_size", "tiny", "--conf", "checkpoint", str(DEMO_MODEL), "--conf", "labels", "liver,spleen"]
     for url, process in server_process(root, folder, free_port(), *conf, "--conf", "model_dir", str(root / "model")):
         client = MONAILabelClient(url)
         for image_id in IMAGES:
             label = root / "phantoms" / f"{image_id}_label.nii.gz"
             client.save_label(image_id, str(label), params={"label_info": LABEL_INFO})
+        saved = folder / "labels" / "final" / f"{IMAGES[-1]}.nii.gz"
+        saved.write_bytes(saved.read_bytes()[:100])  # damaged on disk
+        cut = root / "cut.nii.gz"
+        cut.write_bytes(saved.read_bytes())
+        with pytest.raises(MONAILabelClientException, match="Status: 400.*Label not saved: Cannot read image"):
+            client.save_label(IMAGES[0], str(cut), params={"label_info": LABEL_INFO})
         yield url, root, process
 
 

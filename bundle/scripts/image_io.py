@@ -26,7 +26,7 @@ from PIL import Image
 
 from .dicom_series import check_series, series_in_folder
 
-__all__ = ["ImageVolume", "output_path_for", "read_image", "write_image", "write_label"]
+__all__ = ["ImageVolume", "check_label_volume", "output_path_for", "read_image", "write_image", "write_label"]
 
 logger = logging.getLogger(__name__)
 
@@ -272,13 +272,7 @@ def write_label(
     """
     label = np.asarray(label)
     _check_grid(label, reference, "Label")
-    if label.dtype.kind not in "biuf":
-        raise ValueError(f"Label pixel type {label.dtype} is not a number type")
-    if label.dtype.kind == "f" and not (np.isfinite(label).all() and (label == np.round(label)).all()):
-        raise ValueError("Label values must be whole numbers")
-    low, high = (label.min(), label.max()) if label.size else (0, 0)
-    if low < 0 or high > np.iinfo(np.uint16).max:
-        raise ValueError(f"Label values must lie in 0..65535, got {low}..{high}")
+    high = _check_label_values(label)
     if dtype is None:
         dtype = "uint8" if high <= 255 else "uint16"
     if dtype not in LABEL_DTYPES:
@@ -308,6 +302,37 @@ def write_image(array: np.ndarray, reference: ImageVolume, output_path: str | Pa
     else:
         itk.imwrite(_itk_image(array, reference), str(output_path), compression=compress)
     return output_path
+
+
+def check_label_volume(label: ImageVolume, reference: ImageVolume) -> None:
+    """A label map read from a file must lie on its image's voxel grid (shape, spacing, origin and axes, to 1 um and
+    a relative 1e-5) and hold whole numbers in 0..65535: what training and DICOM SEG take as the image's label."""
+    expected_shape = reference.array.shape[:2] if reference.is_2d else reference.array.shape
+    geometry = zip(
+        ("shape", "spacing", "origin", "axes"),
+        (label.array.shape, label.spacing, label.origin, label.direction),
+        (expected_shape, reference.spacing, reference.origin, reference.direction),
+        strict=True,
+    )
+    for what, found, expected in geometry:
+        if np.shape(found) != np.shape(expected) or not np.allclose(found, expected, rtol=1e-5, atol=1e-3):
+            raise ValueError(
+                f"The label is not on its image's grid: its {what} {np.round(found, 4).tolist()} differs from the "
+                f"image's {np.round(expected, 4).tolist()}"
+            )
+    _check_label_values(label.array)
+
+
+def _check_label_values(label: np.ndarray) -> int:
+    """The highest value of an integer label map, after checking its values are whole numbers in 0..65535."""
+    if label.dtype.kind not in "biuf":
+        raise ValueError(f"Label pixel type {label.dtype} is not a number type")
+    if label.dtype.kind == "f" and not (np.isfinite(label).all() and (label == np.round(label)).all()):
+        raise ValueError("Label values must be whole numbers")
+    low, high = (label.min(), label.max()) if label.size else (0, 0)
+    if low < 0 or high > np.iinfo(np.uint16).max:
+        raise ValueError(f"Label values must lie in 0..65535, got {low}..{high}")
+    return int(high)
 
 
 def _check_grid(array: np.ndarray, reference: ImageVolume, what: str) -> None:

@@ -4,7 +4,8 @@ Every image, label and ``datastore_v2.json`` write is atomic (:func:`lib.safe_pa
 also written to a backup copy: a missing, empty or corrupt JSON is restored from it at start-up, else rebuilt from
 the files as MONAI Label does for a new folder, so the server always starts. Image ids and label tags are single
 names; files are written only below the studies folder (never into the app or bundle folders) and only with the
-datastore's extensions; NRRD and MetaImage headers must keep their data in the studies folder.
+datastore's extensions; NRRD and MetaImage headers must keep their data in the studies folder. A submitted label is
+read before it is saved and refused (400) unless it is a label map on its image's voxel grid.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastor
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.exception import ImageNotFoundException
 from monailabel.utils.sessions import Sessions
+
+from scripts.image_io import check_label_volume, read_image
 
 from .safe_paths import (
     UnsafePath,
@@ -57,9 +60,11 @@ class SafeLocalDatastore(LocalDatastore):
         datastore_config: str = "datastore_v2.json",
         images_dir: str = ".",
         labels_dir: str = "labels",
+        max_voxels: int | None = None,
         **kwargs: Any,
     ) -> None:
         self.root = os.path.realpath(datastore_path)
+        self.max_voxels = max_voxels  # what a submitted label (and its image, read to check it) may claim
         os.makedirs(self.root, exist_ok=True)
         self._protected = [p for p in map(os.path.realpath, protected) if p != self.root and inside(p, self.root)]
         if self._protected:
@@ -150,6 +155,7 @@ class SafeLocalDatastore(LocalDatastore):
         folder = self._datastore.label_path(label_tag)
         dest = self._destination(folder, name)
         check_header(label_filename, folder, [self.root])
+        check_label_file(label_filename, self.get_image_uri(image_id), self.max_voxels)
         logger.info("Saving label %s for image %s", label_tag, image_id)
         with FileLock(self._lock_file):
             os.makedirs(folder, exist_ok=True)
@@ -202,6 +208,16 @@ def register_image(store: LocalDatastore, image_id: str, source: str, dest: str,
         store._update_datastore_file(lock=False)
 
 
+def check_label_file(label_path: str, image_path: str, max_voxels: int | None) -> None:
+    """Refuse (``ValueError``: 400) a label that cannot be read or is not a label map on its image's voxel grid,
+    before it is saved: the annotator learns it at once, instead of training skipping it later."""
+    try:
+        reference = read_image(image_path, max_voxels=max_voxels)
+        check_label_volume(read_image(label_path, max_voxels=max_voxels), reference)
+    except ValueError as error:  # the upload's temporary path means nothing to the client
+        raise ValueError(f"Label not saved: {str(error).replace(label_path, 'the label file')}") from None
+
+
 def _unreadable(path: str) -> str | None:
     """Why the datastore JSON at ``path`` cannot be loaded, or None when it can."""
     try:
@@ -241,11 +257,12 @@ class SafeSessions(Sessions):
         super().remove_session(check_name(session_id, "session id"))
 
 
-def open_datastore(studies: str, protected: Sequence[str]) -> SafeLocalDatastore:
+def open_datastore(studies: str, protected: Sequence[str], max_voxels: int | None = None) -> SafeLocalDatastore:
     """The studies folder as a datastore, with MONAI Label's datastore settings."""
     return SafeLocalDatastore(
         studies,
         protected,
+        max_voxels=max_voxels,
         extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
         auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
         read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import requests
 from monailabel.config import settings as monailabel_settings
 from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
@@ -43,7 +42,7 @@ from scripts.dicom_series import NOT_IMAGES
 from scripts.image_io import read_image, write_image
 from scripts.vocabulary import Vocabulary
 
-from .datastore import register_image
+from .datastore import check_label_file, register_image
 from .label_info import names_by_value
 from .safe_paths import TEMP_PREFIX, check_name, remove_stale_temp_files
 from .settings import AppSettings, names
@@ -203,6 +202,7 @@ class PacsDatastore(DICOMWebDatastore):
         if "".join(Path(label_filename).suffixes) == ".bin":  # OHIF's raw uint8 upload
             converted = label_filename = binary_to_image(image_uri, label_filename)
         try:
+            check_label_file(label_filename, image_uri, self.settings.max_voxels)
             if label_tag == DefaultLabelTag.FINAL:
                 label_info = {**label_info, **self._store_seg(image_id, label_filename, label_info)}
             return LocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
@@ -213,20 +213,7 @@ class PacsDatastore(DICOMWebDatastore):
     def _store_seg(self, image_id: str, label_filename: str, label_info: dict[str, Any]) -> dict[str, str]:
         series_dir = Path(self._datastore.image_path()) / image_id
         reference = read_image(series_dir, max_voxels=self.settings.max_voxels)
-        label = read_image(label_filename, max_voxels=self.settings.max_voxels)
-        same_grid = label.shape == reference.shape and all(
-            np.allclose(a, b, atol=1e-3)
-            for a, b in zip(
-                (label.spacing, label.origin, label.direction),
-                (reference.spacing, reference.origin, reference.direction),
-                strict=True,
-            )
-        )
-        if not same_grid:
-            raise ValueError(
-                f"The label is not on the series' grid (shape {label.shape}, spacing {label.spacing}, origin "
-                f"{label.origin}; the series: {reference.shape}, {reference.spacing}, {reference.origin})"
-            )
+        label = read_image(label_filename, max_voxels=self.settings.max_voxels)  # on the grid: checked by save_label
         named = names_by_value(label_info.get("label_info"), self.label_values)
         segments = segments_for({name: value for value, name in named.items()}, self.vocabulary)
         with tempfile.TemporaryDirectory() as work:
