@@ -190,6 +190,14 @@ def test_labels_that_are_not_label_maps_on_their_image_are_refused(folder, tmp_p
     assert store.get_label_info("ct", "final")["user"] == "ann" and not _temp_files(folder)
 
 
+def test_a_label_for_an_image_that_cannot_be_read_is_refused(folder, tmp_path) -> None:
+    store = _open(folder)
+    (folder / "ct.nii.gz").write_bytes(b"image")  # damaged on disk since it was added
+    with pytest.raises(ValueError, match="Label not saved: Cannot read image its image") as refused:
+        store.save_label("ct", _upload(tmp_path, _nifti(seed=1)), "final", {})
+    assert str(tmp_path) not in str(refused.value) and not list((folder / "labels" / "final").glob("ct*"))
+
+
 OUTSIDE_HEADERS = [
     ("x.nhdr", "NRRD0004\ntype: uint8\ndata file: /etc/hostname\n"),
     ("x.nhdr", "NRRD0004\ndatafile: ../../../outside.raw\n"),

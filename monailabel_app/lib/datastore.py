@@ -212,10 +212,15 @@ def check_label_file(label_path: str, image_path: str, max_voxels: int | None) -
     """Refuse (``ValueError``: 400) a label that cannot be read or is not a label map on its image's voxel grid,
     before it is saved: the annotator learns it at once, instead of training skipping it later."""
     try:
+        if not image_path:
+            raise ValueError("its image cannot be read")
         reference = read_image(image_path, max_voxels=max_voxels)
         check_label_volume(read_image(label_path, max_voxels=max_voxels), reference)
-    except ValueError as error:  # the upload's temporary path means nothing to the client
-        raise ValueError(f"Label not saved: {str(error).replace(label_path, 'the label file')}") from None
+    except ValueError as error:  # server paths mean nothing to the client
+        reason = str(error).replace(label_path, "the label file")
+        raise ValueError(
+            f"Label not saved: {reason.replace(image_path, 'its image') if image_path else reason}"
+        ) from None
 
 
 def _unreadable(path: str) -> str | None:
