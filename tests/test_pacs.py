@@ -27,6 +27,7 @@ from monailabel_server import REPO, free_port, server_process
 from orthanc import USER, Pacs, available, run_orthanc
 
 sys.path.insert(0, str(REPO / "monailabel_app"))
+from lib import safe_paths  # noqa: E402
 from lib.auto_labels import AutoLabels  # noqa: E402
 from lib.dicomweb import PacsDatastore  # noqa: E402
 from lib.settings import AppSettings  # noqa: E402
@@ -118,6 +119,34 @@ def test_modalities_option_narrows_the_list(chain: Chain, tmp_path: Path, monkey
     monkeypatch.setattr(monailabel_settings, "MONAI_LABEL_DICOMWEB_USERNAME", "")
     with pytest.raises(ValueError, match="dicomweb_password_file needs --conf dicomweb_user"):
         PacsDatastore(chain.pacs.dicomweb, AppSettings.from_conf({"dicomweb_password_file": str(password)}), {}, None)
+
+
+def test_the_cache_json_is_replaced_whole_and_a_lost_one_still_checks_modalities(
+    chain: Chain, tmp_path: Path, monkeypatch
+) -> None:
+    """The cache's JSON is written atomically (MONAI Label rewrites it in place); when it is lost anyway (or was
+    written by an older app), a cached series' Modality is asked of the PACS instead of refusing every series."""
+    cache, wide = str(tmp_path / "cache"), _pacs_settings(chain, tmp_path, monkeypatch)
+    store = PacsDatastore(chain.pacs.dicomweb, wide, {}, None, cache)
+    for kind in ("ct", "mr"):
+        store.get_image_uri(chain.series[kind])
+    config = Path(store._datastore_config_path)
+    written = config.read_text()
+
+    def crash(source: str, dest: str) -> None:
+        raise OSError("killed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(safe_paths.os, "replace", crash)
+        with pytest.raises(OSError, match="killed"):
+            store._update_datastore_file()
+    assert config.read_text() == written and not list(config.parent.glob(f"{safe_paths.TEMP_PREFIX}*"))
+    config.write_text(written[: len(written) // 2])  # cut by a crash of an older app
+    mr_only = _pacs_settings(chain, tmp_path, monkeypatch, dicomweb_modalities="mr")
+    narrowed = PacsDatastore(chain.pacs.dicomweb, mr_only, {}, None, cache)
+    assert narrowed.get_image_uri(chain.series["mr"]).endswith(".nii.gz")
+    with pytest.raises(ImageNotFoundException, match="is CT: this server serves MR series only"):
+        narrowed.get_image_uri(chain.series["ct"])
 
 
 def test_series_fetches_of_a_killed_server_are_removed_at_start_up(chain: Chain, tmp_path: Path, monkeypatch) -> None:

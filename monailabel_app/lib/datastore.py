@@ -112,13 +112,7 @@ class SafeLocalDatastore(LocalDatastore):
         )
 
     def _update_datastore_file(self, lock: bool = True) -> None:
-        """Write the JSON and its backup copy, each atomically."""
-        text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
-        with FileLock(self._lock_file) if lock else nullcontext():
-            self._ignore_event_config = True  # our own write: not a reason to reload
-            atomic_write_text(self._datastore_config_path, text)
-            atomic_write_text(self._backup_path, text)
-            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+        write_datastore_file(self, lock, backup=self._backup_path)
 
     def _file_name(self, image_id: str, ext: str, what: str) -> str:
         name = f"{image_id}{ext}"
@@ -206,6 +200,18 @@ def register_image(store: LocalDatastore, image_id: str, source: str, dest: str,
         info = {**(info or {}), "ts": int(time.time()), "name": os.path.basename(dest)}
         store._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext))
         store._update_datastore_file(lock=False)
+
+
+def write_datastore_file(store: LocalDatastore, lock: bool = True, backup: str = "") -> None:
+    """Write ``store``'s JSON (and, when given, its ``backup`` copy) atomically: MONAI Label rewrites it in place, so
+    a kill mid-write would leave a cut file. Used by this module's datastore and the PACS cache (lib/dicomweb.py)."""
+    text = json.dumps(store._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+    with FileLock(store._lock_file) if lock else nullcontext():
+        store._ignore_event_config = True  # our own write: not a reason to reload
+        atomic_write_text(store._datastore_config_path, text)
+        if backup:
+            atomic_write_text(backup, text)
+        store._config_ts = os.stat(store._datastore_config_path).st_mtime
 
 
 def check_label_file(label_path: str, image_path: str, max_voxels: int | None) -> None:

@@ -42,7 +42,7 @@ from scripts.dicom_series import NOT_IMAGES
 from scripts.image_io import read_image, write_image
 from scripts.vocabulary import Vocabulary
 
-from .datastore import check_label_file, register_image
+from .datastore import check_label_file, register_image, write_datastore_file
 from .label_info import names_by_value
 from .safe_paths import TEMP_PREFIX, check_name, remove_stale_temp_files
 from .settings import AppSettings, names
@@ -94,6 +94,20 @@ class PacsDatastore(DICOMWebDatastore):
         for removed in remove_stale_temp_files([self._datastore.image_path()]):
             logger.warning("Removed %s, left by a server that was stopped while fetching a series", removed)
 
+    def _update_datastore_file(self, lock: bool = True) -> None:
+        write_datastore_file(self, lock)  # atomic, unlike MONAI Label's
+
+    def _init_from_datastore_file(self, throw_exception: bool = False) -> None:
+        """Load the cache's JSON. One cut by a crash (MONAI Label wrote it in place) would stop the server from
+        starting; it is kept as ``.corrupt`` instead, and the records are rebuilt from the cached files (their
+        Modality is then asked of the PACS, :meth:`get_image_uri`)."""
+        try:
+            super()._init_from_datastore_file(throw_exception=True)
+        except ValueError as error:
+            config = self._datastore_config_path
+            os.replace(config, f"{config}.corrupt")
+            logger.warning("The PACS cache's %s was unreadable (%s): kept as .corrupt, rebuilt", config, error)
+
     def _fresh(self, cached: tuple[float, list[str]]) -> bool:
         return time.monotonic() - cached[0] < self.settings.dicomweb_cache_seconds
 
@@ -134,7 +148,11 @@ class PacsDatastore(DICOMWebDatastore):
         converted = Path(self._datastore.image_path()) / f"{image_id}.nii.gz"
         if converted.exists():  # fetched earlier, perhaps before dicomweb_modalities was narrowed
             cached = self._datastore.objects.get(image_id)
-            self._check_modality(image_id, cached.image.info.get("Modality", "") if cached else "")
+            kind = cached.image.info.get("Modality", "") if cached else ""
+            if not kind and self.modalities:  # not recorded (a cache JSON lost or written by an older app): ask
+                found = self._client.search_for_series(search_filters={"SeriesInstanceUID": image_id})
+                kind = _modality(found[0]) if found else ""
+            self._check_modality(image_id, kind)
             return str(converted)
         with self._lock:
             fetching = self._fetching.setdefault(image_id, _Fetching())
