@@ -29,7 +29,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.exception import ImageNotFoundException
 from monailabel.utils.sessions import Sessions
 
-from scripts.image_io import check_label_volume, read_image
+from scripts.image_io import ImageVolume, check_label_volume, read_image
 
 from .safe_paths import (
     UnsafePath,
@@ -214,14 +214,16 @@ def write_datastore_file(store: LocalDatastore, lock: bool = True, backup: str =
         store._config_ts = os.stat(store._datastore_config_path).st_mtime
 
 
-def check_label_file(label_path: str, image_path: str, max_voxels: int | None) -> None:
-    """Refuse (``ValueError``: 400) a label that cannot be read or is not a label map on its image's voxel grid,
-    before it is saved: the annotator learns it at once, instead of training skipping it later."""
+def check_label_file(label_path: str, image_path: str, max_voxels: int | None) -> ImageVolume:
+    """The label read, after refusing (``ValueError``: 400) one that cannot be read or is not a label map on its
+    image's voxel grid, before it is saved: the annotator learns it at once, instead of training skipping it later."""
     try:
         if not image_path:
             raise ValueError("its image cannot be read")
         reference = read_image(image_path, max_voxels=max_voxels)
-        check_label_volume(read_image(label_path, max_voxels=max_voxels), reference)
+        label = read_image(label_path, max_voxels=max_voxels)
+        check_label_volume(label, reference)
+        return label
     except ValueError as error:  # server paths mean nothing to the client
         reason = str(error).replace(label_path, "the label file")
         raise ValueError(

@@ -39,7 +39,7 @@ from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoun
 
 from scripts.dicom_seg import segments_for, write_seg
 from scripts.dicom_series import NOT_IMAGES
-from scripts.image_io import read_image, write_image
+from scripts.image_io import ImageVolume, read_image, write_image
 from scripts.vocabulary import Vocabulary
 
 from .datastore import check_label_file, register_image, write_datastore_file
@@ -220,18 +220,17 @@ class PacsDatastore(DICOMWebDatastore):
         if "".join(Path(label_filename).suffixes) == ".bin":  # OHIF's raw uint8 upload
             converted = label_filename = binary_to_image(image_uri, label_filename)
         try:
-            check_label_file(label_filename, image_uri, self.settings.max_voxels)
+            label = check_label_file(label_filename, image_uri, self.settings.max_voxels)
             if label_tag == DefaultLabelTag.FINAL:
-                label_info = {**label_info, **self._store_seg(image_id, label_filename, label_info)}
+                label_info = {**label_info, **self._store_seg(image_id, label, label_info)}
             return LocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
         finally:
             if converted:
                 os.unlink(converted)
 
-    def _store_seg(self, image_id: str, label_filename: str, label_info: dict[str, Any]) -> dict[str, str]:
+    def _store_seg(self, image_id: str, label: ImageVolume, label_info: dict[str, Any]) -> dict[str, str]:
         series_dir = Path(self._datastore.image_path()) / image_id
         reference = read_image(series_dir, max_voxels=self.settings.max_voxels)
-        label = read_image(label_filename, max_voxels=self.settings.max_voxels)  # on the grid: checked by save_label
         named = names_by_value(label_info.get("label_info"), self.label_values)
         segments = segments_for({name: value for value, name in named.items()}, self.vocabulary)
         with tempfile.TemporaryDirectory() as work:
