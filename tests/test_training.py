@@ -100,7 +100,8 @@ def test_slice_sampler(datalist: Path) -> None:
 
 def test_absent_labels_train_as_not_here(datalist: Path) -> None:
     """Labels no training image shows (``absent_labels``) are drawn a few per sample and join the batch's text
-    prompts with empty targets, never clicked; the item's own labels keep their targets and flags."""
+    prompts with empty targets, never clicked, as negatives for every sample of the batch; the item's own labels keep
+    their targets and flags. ``negative_fraction`` leaves the rest of the samples without a draw (-1)."""
     from scripts.training_data import batch_prompts
 
     items = [
@@ -113,17 +114,29 @@ def test_absent_labels_train_as_not_here(datalist: Path) -> None:
     plain = SlicePromptDataset(items, labels, vocabulary, 64, 8, clip=2)
     assert "absent" not in plain[0] and torch.equal(plain[3]["target"], dataset[3]["target"])  # same samples
 
-    batch = torch.utils.data.default_collate([dataset[0], dataset[1]])
+    other = next(i for i, d in enumerate(drawn) if set(d) != set(drawn[0]))
+    batch = torch.utils.data.default_collate([dataset[0], dataset[other]])
     prompts, targets, flags = batch_prompts(batch, ["liver", "spleen"], absent, clicks=True)
-    extra = sorted(set(drawn[0]) | set(drawn[1]))
-    assert prompts == ["liver", "spleen", *[absent[a] for a in extra]]
+    extra = sorted(set(drawn[0]) | set(drawn[other]))
+    assert prompts == ["liver", "spleen", *[absent[a] for a in extra]]  # both samples' draws, once each
     assert targets.shape[2] == len(prompts) and not targets[:, :, 2:].any()
     assert torch.equal(targets[:, :, :2], batch["target"])
-    for sample, own in enumerate(drawn[:2]):
-        assert flags["valid"][sample, 2:].tolist() == [float(a in own) for a in extra]
+    assert flags["valid"][:, 2:].all()  # absent from every image: a negative for both samples, whoever drew it
+    assert torch.equal(flags["valid"][:, :2], batch["valid"])
     assert not flags["annotated"][:, 2:].any()  # "not here" prompts are never clicked
+
+    some = SlicePromptDataset(
+        items, labels, vocabulary, 64, 40, absent=absent, negatives_per_sample=1, negative_fraction=0.25
+    )
+    picks = [some[i]["absent"].tolist() for i in range(len(some))]
+    assert 4 <= sum(p != [-1] for p in picks) <= 16  # about a quarter of 40 samples draw one
+    batch = torch.utils.data.default_collate([some[i] for i in range(len(some)) if picks[i] == [-1]][:2])
+    prompts, targets, flags = batch_prompts(batch, ["liver", "spleen"], absent, clicks=False)
+    assert prompts == ["liver", "spleen"] and targets.shape[2] == 2 and flags["valid"].shape[1] == 2  # none drawn
     with pytest.raises(ValueError, match="also training labels"):
         SlicePromptDataset(items, labels, vocabulary, 64, 1, absent=["hepatic parenchyma"])
+    with pytest.raises(ValueError, match="negative_fraction"):
+        SlicePromptDataset(items, labels, vocabulary, 64, 1, absent=absent, negative_fraction=0)
 
 
 def test_phantom_absent_labels_leave_out_what_a_phantom_shows() -> None:
@@ -380,6 +393,22 @@ def test_multi_gpu_config_runs_under_torchrun(datalist: Path, tmp_path: Path) ->
     saved = torch.load(tmp_path / "model_final.pt", map_location="cpu", weights_only=True)
     assert saved["meta"]["mode"] == "lora" and saved["meta"]["iteration"] == 3
     assert any("lora_" in k for k in saved["state_dict"]) and saved["meta"]["adaptation"]["heads"] is True
+
+
+@pytest.mark.slow
+def test_the_demo_recipe_runs_with_its_not_here_labels(tmp_path: Path) -> None:
+    """``demo_train.json`` as the README runs it, cut to a few steps on a few phantoms, every sample drawing an absent
+    label: its absent labels (the vocabulary less what a phantom shows) resolve and train with the rest."""
+    configs = str([str(REPO / "bundle/configs/train.json"), str(REPO / "bundle/configs/demo_train.json")])
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--output_dir", str(tmp_path)]
+    command += ["--demo_cases", "2", "--max_steps", "4", "--warmup_steps", "1", "--val_every", "0"]
+    command += ["--negative_fraction", "1.0", "--device_name", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "bundle")}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = torch.load(tmp_path / "model_final.pt", map_location="cpu", weights_only=True)
+    assert saved["meta"]["iteration"] == 4 and saved["meta"]["mode"] == "full"
+    assert (tmp_path / "phantoms" / "datalist.json").is_file()
 
 
 def test_train_heads_flag_from_the_command_line(tmp_path: Path) -> None:

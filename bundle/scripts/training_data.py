@@ -54,7 +54,9 @@ class SlicePromptDataset(Dataset):
     annotates the label, so its target is true, whatever the preset: the clicks train on it), P the number of label
     names, in the order of ``labels``. With ``absent`` (labels known to be in no training image, e.g. the rest of
     the vocabulary for phantoms), ``absent`` holds the indices of ``negatives_per_sample`` of them drawn for the
-    sample: their text prompts learn to say "not here", which is what lets inference skip absent labels' masks.
+    sample, or -1 for the ``1 - negative_fraction`` of samples that draw none: their text prompts learn to say "not
+    here", which is what lets inference skip absent labels' masks. Each extra prompt costs a pass of the heads, so a
+    fraction below 1 buys the negatives at a fraction of their price (:func:`batch_prompts` shares them).
 
     Each sample is prepared with one intensity preset (:func:`scripts.slices.preset_for`, as inference prepares a
     label's slices), drawn among the presets of the item's labels; labels with another preset are not valid for
@@ -76,6 +78,7 @@ class SlicePromptDataset(Dataset):
         positive_fraction: float = 0.8,
         absent: Sequence[str] = (),
         negatives_per_sample: int = 2,
+        negative_fraction: float = 1.0,
         augment: bool = True,
         seed: int = 0,
         first_index: int = 0,
@@ -90,8 +93,11 @@ class SlicePromptDataset(Dataset):
             raise ValueError(f"absent_labels {clash} are also training labels: a label cannot be both")
         if absent and negatives_per_sample < 1:
             raise ValueError(f"negatives_per_sample must be >= 1 with absent_labels, got {negatives_per_sample}")
+        if absent and not 0 < negative_fraction <= 1:
+            raise ValueError(f"negative_fraction must be in (0, 1] with absent_labels, got {negative_fraction}")
         self.absent = list(dict.fromkeys(absent))
         self.negatives = min(negatives_per_sample, len(self.absent))
+        self.negative_fraction = negative_fraction
         self.image_size = image_size
         self.num_samples = num_samples
         self.clip = clip
@@ -181,7 +187,10 @@ class SlicePromptDataset(Dataset):
         annotated = torch.tensor([g is not None for g in volume.group_of], dtype=torch.float32)
         sample = {"image": (image - 0.5) / 0.5, "target": target, "valid": valid, "annotated": annotated}
         if self.absent:  # "not here" prompts for the presence score; their targets are empty (PromptStep)
-            sample["absent"] = torch.from_numpy(rng.choice(len(self.absent), self.negatives, replace=False))
+            drawn = rng.choice(len(self.absent), self.negatives, replace=False)
+            if rng.random() >= self.negative_fraction:
+                drawn[:] = -1  # none for this sample; the same length, so batches collate
+            sample["absent"] = torch.from_numpy(drawn)
         return sample
 
 
@@ -207,7 +216,8 @@ def batch_prompts(
     annotates: the tracker is class-agnostic (the click, not a name, says which structure), and a slice with
     several structures to click is what teaches it to follow the click rather than segment the likeliest one.
     Labels no sample uses are left out of the forward; the absent labels drawn for the batch are appended with empty
-    targets, as text prompts only (never clicked).
+    targets, as text prompts only (never clicked). They are in no training image, so each is a negative for every
+    sample of the batch, not only the one that drew it: the forward runs every prompt on every slice anyway.
     """
     trained = torch.maximum(batch["valid"], batch["annotated"]) if clicks else batch["valid"]
     used = trained.bool().any(dim=0).nonzero().flatten().tolist()
@@ -215,11 +225,10 @@ def batch_prompts(
     targets = batch["target"][:, :, used]
     flags = {key: batch[key][:, used] for key in ("valid", "annotated")}
     if "absent" in batch:
-        drawn = batch["absent"].unique()
-        names += [absent_prompts[a] for a in drawn.tolist()]
+        drawn = batch["absent"][batch["absent"] >= 0].unique().tolist()
+        names += [absent_prompts[a] for a in drawn]
         empty = targets.new_zeros((*targets.shape[:2], len(drawn), *targets.shape[3:]))
         targets = torch.cat([targets, empty], dim=2)
-        chosen = (batch["absent"][:, :, None] == drawn).any(dim=1).to(flags["valid"].dtype)  # B x drawn
-        flags["valid"] = torch.cat([flags["valid"], chosen], dim=1)
+        flags["valid"] = F.pad(flags["valid"], (0, len(drawn)), value=1.0)
         flags["annotated"] = F.pad(flags["annotated"], (0, len(drawn)))
     return names, targets, flags
