@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.click_selection import follows_clicks, refine_with_instances, structure_under_clicks
+from scripts.click_selection import build_from_clicks, follows_clicks, refine_with_instances, structure_under_clicks
 from scripts.low_res_grid import pixel_cells
 
 D, LOW = 7, 16
@@ -37,17 +37,51 @@ def _text_result() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([_square(2, 10, 5)] * D), torch.full((D,), 0.9)
 
 
-def test_a_foreground_click_picks_the_instance_under_it_and_follows_it_while_it_overlaps() -> None:
+def test_a_foreground_click_adds_the_instance_under_it_and_follows_it_while_it_overlaps() -> None:
+    """The click asks for more, so the text result stays and the clicked instance joins it, carried slice by slice."""
     logits, scores = _text_result()
     cells = np.array([[3, 4, 5]])  # slice 3, inside the left square (columns 3-7)
     new, new_scores = refine_with_instances(logits, scores, Instances(), cells, np.array([1]))
     for index in range(1, 6):
-        assert torch.equal(new[index] > 0, _square(2, index, 5) > 0), index
-        assert new_scores[index] == pytest.approx(0.4)
+        both = torch.maximum(_square(2, index, 5), _square(2, 10, 5))
+        assert torch.equal(new[index] > 0, both > 0), index
+        assert new_scores[index] == pytest.approx(0.9)
     # slice 0 has no left square and slice 6's does not overlap slice 5's: both keep the text result
     for index in (0, 6):
         assert torch.equal(new[index], logits[index]) and new_scores[index] == pytest.approx(0.9)
     assert torch.equal(logits, _text_result()[0])  # the input is left alone
+
+
+class FadingInstances(Instances):
+    """As :class:`Instances`, but the left square scores 0.2 from slice 5 on: half the clicked instance's 0.4."""
+
+    def __call__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        masks, scores = super().__call__(index)
+        return masks, torch.tensor([0.2 if index >= 5 else 0.4, 0.9])
+
+
+def test_the_carried_instance_stops_where_the_detector_no_longer_believes_in_it() -> None:
+    """A continuation scoring below ``min_relative_score`` times the clicked instance is not carried (an unsure
+    detector's blob would spread past the structure's end); 0 carries whatever overlaps."""
+    empty, cells, labels = torch.full((D, LOW, LOW), OFF), np.array([[3, 4, 5]]), np.array([1])
+    new, _ = refine_with_instances(empty, torch.zeros(D), FadingInstances(), cells, labels)
+    assert [index for index in range(D) if (new[index] > 0).any()] == [1, 2, 3, 4]
+    new, _ = refine_with_instances(empty, torch.zeros(D), FadingInstances(), cells, labels, min_relative_score=0.0)
+    assert [index for index in range(D) if (new[index] > 0).any()] == [1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="min_relative_score"):
+        refine_with_instances(empty, torch.zeros(D), Instances(), cells, labels, min_relative_score=1.5)
+
+
+def test_clicks_alone_build_the_structure_before_a_background_click_no_instance_honours() -> None:
+    """From nothing, a background click beside the foreground one inside the same instance: no instance holds the one
+    without the other, so one pass would leave every slice empty; the foreground clicks build first, and the
+    background click leaves the structure as it was (its voxel is cleared by rule 1, downstream)."""
+    empty, cells, labels = torch.full((D, LOW, LOW), OFF), np.array([[3, 4, 5], [3, 5, 6]]), np.array([1, 0])
+    one_pass, _ = refine_with_instances(empty, torch.zeros(D), Instances(), cells, labels)
+    assert not (one_pass > 0).any()
+    built, _ = build_from_clicks(empty, torch.zeros(D), Instances(), cells, labels)
+    assert [index for index in range(D) if (built[index] > 0).any()] == [1, 2, 3, 4, 5]
+    assert torch.equal(built[3] > 0, _square(2, 3, 5) > 0)
 
 
 def test_the_carried_instance_stops_below_the_overlap_asked_for() -> None:

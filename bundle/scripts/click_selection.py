@@ -2,14 +2,16 @@
 
 The detector answers a text prompt on each slice with a few candidate instances (its DETR queries), and the text
 result keeps those scoring above the threshold. A click says which of them the user meant: on a clicked slice whose
-result it contradicts, the result becomes the candidate that holds the slice's foreground clicks and none of its
-background clicks (ties go to the candidate overlapping the current result most, then to the higher score). From
-there the choice is carried to the neighbouring slices, each taking the candidate that overlaps the previous slice's
-choice most, while that overlap (intersection over union) stays at least ``min_overlap``: slices further away keep
-the text result. A slice whose result already agrees with its clicks is left as it is.
+result it contradicts, the candidate that holds the slice's foreground clicks and none of its background clicks (ties
+go to the candidate overlapping the current result most, then to the higher score) joins the result when the result
+holds no background click (the clicks only add), and replaces it otherwise. From there the choice is carried to the
+neighbouring slices, each taking, among the candidates scoring at least ``min_relative_score`` times the clicked one,
+the candidate that overlaps the previous slice's choice most, while that overlap (intersection over union) stays at
+least ``min_overlap``: slices further away keep the text result. A slice whose result already agrees with its clicks
+is left as it is.
 
-Without a text prompt, :func:`structure_under_clicks` first finds which prompt's instance holds the clicks on the
-slice of the first foreground click given, and that prompt's instances are followed from there.
+Without a text prompt, :func:`structure_under_clicks` first finds which prompt's instance holds the foreground clicks
+on the slice of the first one given, and :func:`build_from_clicks` follows that prompt's instances from there.
 
 This serves models whose detector learnt the structures but whose tracker did not learn clicks (the demo model,
 ``docs/clicks.md``). Everything here works on low-resolution mask logits and is pure tensor geometry.
@@ -22,7 +24,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-__all__ = ["Candidates", "follows_clicks", "refine_with_instances", "structure_under_clicks"]
+__all__ = ["Candidates", "build_from_clicks", "follows_clicks", "refine_with_instances", "structure_under_clicks"]
 
 Candidates = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # slice -> (Q x h x w logits, Q scores)
 
@@ -34,11 +36,14 @@ def refine_with_instances(
     cells: np.ndarray,
     labels: np.ndarray,
     min_overlap: float = 0.5,
+    min_relative_score: float = 0.75,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The text result (``logits`` D x h x w, ``scores`` D) refined by clicks at low-resolution ``cells``
     (N x 3: slice, row, column) with ``labels`` (1 foreground, 0 background); returns new logits and scores."""
     if not 0.0 < min_overlap <= 1.0:
         raise ValueError(f"min_overlap must be in (0, 1], got {min_overlap}")
+    if not 0.0 <= min_relative_score <= 1.0:
+        raise ValueError(f"min_relative_score must be in [0, 1], got {min_relative_score}")
     logits, scores = logits.clone(), scores.clone()
     clicks = {int(index): _clicks_on(cells, labels, int(index)) for index in np.unique(cells[:, 0])}
     for index, (positive, negative) in clicks.items():
@@ -49,10 +54,23 @@ def refine_with_instances(
         chosen = _consistent_instance(masks > 0, instance_scores, current, positive, negative)
         if chosen is None:  # no instance fits: the slice keeps its result (the clicked voxels are set anyway)
             continue
-        logits[index], scores[index] = _in_dtype(masks[chosen], logits), instance_scores[chosen]
+        adds = bool(positive) and not any(bool(current[cell]) for cell in negative)  # nothing to take away
+        floor = float(instance_scores[chosen]) * min_relative_score
+        _place(logits, scores, index, masks[chosen], instance_scores[chosen], adds)
         for step in (1, -1):
-            _carry(logits, scores, candidates, index, step, clicks, min_overlap)
+            _carry(logits, scores, candidates, index, step, masks[chosen] > 0, clicks, min_overlap, floor, adds)
     return logits, scores
+
+
+def build_from_clicks(
+    logits: torch.Tensor, scores: torch.Tensor, candidates: Candidates, cells: np.ndarray, labels: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clicks without a text prompt, from an empty result (``logits``, ``scores``): the foreground clicks build it,
+    then every click refines it as it refines a text result. So a background click no instance can honour leaves the
+    structure (rule 1 clears its voxel) instead of emptying the slice it lies on."""
+    foreground = labels == 1
+    logits, scores = refine_with_instances(logits, scores, candidates, cells[foreground], labels[foreground])
+    return refine_with_instances(logits, scores, candidates, cells, labels)
 
 
 def follows_clicks(logits: torch.Tensor, cells: np.ndarray, labels: np.ndarray) -> bool:
@@ -127,22 +145,40 @@ def _carry(
     candidates: Candidates,
     start: int,
     step: int,
+    chosen: torch.Tensor,
     clicks: Clicks,
     min_overlap: float,
+    floor: float,
+    adds: bool,
 ) -> None:
-    """Follow the chosen instance from slice ``start`` in direction ``step`` while it overlaps enough; a clicked slice
-    is passed only when the instance it would take there agrees with its clicks."""
-    previous = logits[start] > 0
+    """Follow the ``chosen`` instance from slice ``start`` in direction ``step`` while the instance overlapping it most
+    among those scoring at least ``floor`` overlaps enough. It stops at a slice where it would hold a background
+    click; where it misses a foreground click, that slice keeps its own result as well (as it does with ``adds``)."""
+    previous = chosen
     index = start + step
-    while 0 <= index < logits.shape[0] and bool(previous.any()):
+    while 0 <= index < logits.shape[0]:
         masks, instance_scores = candidates(index)
-        overlaps = _iou(masks > 0, previous)
+        overlaps = _iou(masks > 0, previous).masked_fill(instance_scores < floor, -1.0)  # low scorers: never
         best = int(overlaps.argmax())
-        if float(overlaps[best]) < min_overlap or not _agrees(masks[best] > 0, *clicks.get(index, ([], []))):
+        carried = masks[best] > 0
+        positive, negative = clicks.get(index, ([], []))
+        if float(overlaps[best]) < min_overlap or any(bool(carried[cell]) for cell in negative):
             return
-        logits[index], scores[index] = _in_dtype(masks[best], logits), instance_scores[best]
-        previous = masks[best] > 0
+        keep = adds or not all(bool(carried[cell]) for cell in positive)
+        _place(logits, scores, index, masks[best], instance_scores[best], keep)
+        previous = carried
         index += step
+
+
+def _place(
+    logits: torch.Tensor, scores: torch.Tensor, index: int, mask: torch.Tensor, score: torch.Tensor, keep: bool
+) -> None:
+    """Slice ``index`` becomes the instance (``mask`` logits, ``score``), or with ``keep`` its union with the slice's
+    result."""
+    mask = _in_dtype(mask, logits)
+    if keep:
+        mask, score = torch.maximum(mask, logits[index]), torch.maximum(score.to(scores.dtype), scores[index])
+    logits[index], scores[index] = mask, score
 
 
 def _in_dtype(mask_logits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

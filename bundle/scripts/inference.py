@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .click_selection import follows_clicks, refine_with_instances, structure_under_clicks
+from .click_selection import build_from_clicks, follows_clicks, refine_with_instances, structure_under_clicks
 from .encoding_cache import EncodingCache, image_key
 from .image_io import ImageVolume
 from .intensity import guess_modality
@@ -187,17 +187,20 @@ class VolumeSegmenter:
         texts: Callable[[], list[str]],
     ) -> PromptResult | None:
         """Clicks choose among the detector's instances (:mod:`scripts.click_selection`): those of the text prompt,
-        or without one, of the prompt whose instance holds the clicks. None (the tracker answers) when there is no
-        text prompt and no prompt's instance holds the clicks."""
+        or without one, of the prompt whose instance holds the foreground clicks. None (the tracker answers) when
+        there is no text prompt and no prompt's instance holds them.
+
+        Without a text prompt the foreground clicks name the structure, then build the result from nothing
+        (:func:`scripts.click_selection.build_from_clicks`)."""
         predictor = self.predictor
         if initial is None:
+            foreground = labels == 1
             lookup = functools.partial(predictor.text_candidates, encoding)
-            text = structure_under_clicks(texts(), lookup, cells, labels, chunk=predictor.batch_size)
+            text = structure_under_clicks(texts(), lookup, cells[foreground], labels[foreground], predictor.batch_size)
             if text is None:
                 logger.info("No detector instance holds the clicks: the tracker answers them")
                 return None
             logger.info("Clicks without a text prompt follow the instances of %r", text)
-            initial = PromptResult(*predictor.empty_result(encoding))
         else:
             (text,) = texts()
 
@@ -205,8 +208,10 @@ class VolumeSegmenter:
             masks, scores = predictor.text_candidates(encoding, [text], index)
             return masks[0], scores[0]
 
-        logits, scores = refine_with_instances(initial.logits, initial.scores, candidates, cells, labels)
-        return PromptResult(logits=logits, scores=scores)
+        if initial is None:
+            empty = PromptResult(*predictor.empty_result(encoding))
+            return PromptResult(*build_from_clicks(empty.logits, empty.scores, candidates, cells, labels))
+        return PromptResult(*refine_with_instances(initial.logits, initial.scores, candidates, cells, labels))
 
     def _unnamed(self, image: ImageVolume, modality: str) -> list[str]:
         """The vocabulary's prompts answered on the intensity preset of clicks without a text prompt."""
