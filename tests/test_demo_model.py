@@ -59,37 +59,39 @@ def test_the_demo_model_is_the_committed_file() -> None:
 
 
 def test_text_prompts_segment_held_out_organs(with_text: dict) -> None:
-    """Regression floor of the shipped demo model (measured 2026-12-01: liver 0.91, spleen 0.69, right kidney 0.52,
-    left kidney 0.50 at demo.json's score_threshold 0.4; the targets of issue #9 are in
-    ``test_the_demo_model_meets_the_targets``)."""
+    """Regression floor of the shipped demo model (measured 2026-12-01, the model trained with "not here" labels:
+    liver 0.90, spleen 0.63, right kidney 0.55, left kidney 0.75, mean 0.706, at demo.json's score_threshold 0.5; the
+    targets of issue #9 are in ``test_the_demo_model_meets_the_targets``)."""
     dice = {name: with_text[name]["dice_mean"] for name in LABELS.values()}
     assert dice["liver"] >= 0.85 and dice["spleen"] >= 0.6, dice
-    assert dice["right kidney"] >= 0.45 and dice["left kidney"] >= 0.42 and _mean(with_text, "dice_mean") >= 0.6, dice
+    assert dice["right kidney"] >= 0.5 and dice["left kidney"] >= 0.7 and _mean(with_text, "dice_mean") >= 0.68, dice
 
 
 def test_clicks_refine_the_text_result(with_text: dict) -> None:
-    """Measured 2026-12-01 with ``click_refinement: instances`` (demo.json): text 0.656, then 0.677 / 0.695 / 0.701
-    after 1 / 3 / 5 clicks. The instances a click can pick are those of the text result, so the gain is small; the
-    first click lowers the right kidney by 0.006."""
+    """Measured 2026-12-01 with ``click_refinement: instances`` (demo.json): text 0.706, then 0.711 / 0.723 / 0.748
+    after 1 / 3 / 5 clicks. The instances a click can pick are those of the text result, so the gain is small. One
+    organ dips: on ct_psr the second click lands on a slice the detector left empty, whose instance (score 0.36)
+    reaches past the left kidney's end, so the left kidney goes from 0.75 to 0.70 after 3 clicks and back to 0.78
+    after 5."""
     curve = [_mean(with_text, f"dice_{count}_clicks") for count in (1, 3, 5)]
-    assert curve[0] < curve[1] < curve[2], curve
-    assert curve[2] > _mean(with_text, "dice_mean"), curve
+    assert _mean(with_text, "dice_mean") < curve[0] < curve[1] < curve[2], curve
     for name in LABELS.values():
         text = with_text[name]["dice_mean"]
-        assert all(with_text[name][f"dice_{count}_clicks"] >= text - 0.03 for count in (1, 3, 5)), with_text[name]
+        assert all(with_text[name][f"dice_{count}_clicks"] >= text - 0.05 for count in (1, 3, 5)), with_text[name]
+        assert with_text[name]["dice_5_clicks"] >= text - 0.01, with_text[name]
 
 
 def test_auto_clicks_refine_where_the_tracker_never_learnt_them(held_out: Path, with_text: dict) -> None:
     """``click_refinement: auto`` (inference.json's default) on the demo model, whose tracker was never trained: its
     answers contradict the clicks, so the detector's instances answer and the clicks still refine the text result.
-    Measured 2026-12-01: 0.677 / 0.694 after 1 / 3 clicks (text 0.656); with ``tracker`` 0.595 / 0.600, the liver
-    falling from 0.91 to 0.85."""
+    Measured 2026-12-01: 0.711 / 0.723 after 1 / 3 clicks (text 0.706; the tracker's answer contradicted the clicks
+    in all 36 requests). On the previous demo model ``tracker`` gave 0.595 / 0.600 where text gave 0.656."""
     auto = _evaluate(held_out, "auto", "--click_refinement", "auto", "--interactive_clicks", "[1, 3]")
     curve = [_mean(auto, f"dice_{count}_clicks") for count in (1, 3)]
     assert _mean(with_text, "dice_mean") < curve[0] < curve[1], curve
     for name in LABELS.values():
         text = with_text[name]["dice_mean"]
-        assert all(auto[name][f"dice_{count}_clicks"] >= text - 0.03 for count in (1, 3)), auto[name]
+        assert all(auto[name][f"dice_{count}_clicks"] >= text - 0.05 for count in (1, 3)), auto[name]
 
 
 @pytest.fixture(scope="module")
@@ -98,16 +100,16 @@ def clicks_alone(held_out: Path) -> dict:
 
 
 def test_clicks_alone_segment_the_clicked_structure(clicks_alone: dict) -> None:
-    """Measured 2026-12-01: 0.53 after 1 click, 0.59 after 3 (the 2400-step demo model: 0.57 and 0.61; the one trained
+    """Measured 2026-12-01: 0.68 after 1 click, 0.72 after 3 (the previous demo model: 0.53 and 0.59; the one trained
     with the tracker: 0.28 and 0.40)."""
     curve = [_mean(clicks_alone, f"dice_{count}_clicks") for count in (1, 3)]
-    assert curve[0] < curve[1] and curve[1] >= 0.55, curve
+    assert curve[0] < curve[1] and curve[1] >= 0.68, curve
 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue #9's targets are not met yet: held-out text Dice 0.66 (target 0.85), Dice after 5 clicks 0.70 "
-    "(target 0.9), clicks alone after 3 clicks 0.59 (target 0.8) (docs/benchmarks.md, 'The demo model')",
+    reason="issue #9's targets are not met yet: held-out text Dice 0.71 (target 0.85), Dice after 5 clicks 0.75 "
+    "(target 0.9), clicks alone after 3 clicks 0.72 (target 0.8) (docs/benchmarks.md, 'The demo model')",
 )
 def test_the_demo_model_meets_the_targets(with_text: dict, clicks_alone: dict) -> None:
     assert _mean(with_text, "dice_mean") >= 0.85
@@ -116,8 +118,8 @@ def test_the_demo_model_meets_the_targets(with_text: dict, clicks_alone: dict) -
 
 def test_presence_gating_leaves_every_label_map_unchanged(held_out: Path) -> None:
     """The whole vocabulary on a held-out phantom: with the mask head gated by the presence score, the label map is
-    the one every (label, slice) pair through the mask head gives (the demo model never learnt "not here" for the
-    labels no phantom shows, so most pairs still pass)."""
+    the one every (label, slice) pair through the mask head gives. The demo model learnt "not here" for the labels no
+    phantom shows, so most pairs are gated out: the label map shows the six phantom labels only."""
     from unittest import mock
 
     from scripts.checkpoint import load_checkpoint
@@ -149,7 +151,8 @@ def test_presence_gating_leaves_every_label_map_unchanged(held_out: Path) -> Non
         plain = VolumeSegmenter(Medsam3Predictor(model), vocabulary).segment(image, prompts)
     pairs = len(vocabulary) * SliceView.for_volume(image).to_view(image.array).shape[0]
     assert np.array_equal(gated.label, plain.label) and gated.label.any()
-    assert 0 < sum(masked) < pairs, (sum(masked), pairs)
+    assert 0 < sum(masked) < pairs / 4, (sum(masked), pairs)
+    assert set(np.unique(gated.label)) - {0} == set(range(1, 7)), np.unique(gated.label)  # the phantom's six
 
 
 @pytest.fixture(scope="module")
