@@ -84,6 +84,16 @@ def test_clicks_alone_build_the_structure_before_a_background_click_no_instance_
     assert torch.equal(built[3] > 0, _square(2, 3, 5) > 0)
 
 
+def test_foreground_clicks_alone_build_in_one_pass() -> None:
+    """Without background clicks there is nothing to correct: one pass, each slice asked once, even where a click no
+    instance holds leaves its slice disagreeing (here the second click, outside both squares)."""
+    empty, cells, labels = torch.full((D, LOW, LOW), OFF), np.array([[3, 4, 5], [3, 14, 14]]), np.array([1, 1])
+    asked = Instances()
+    built, _ = build_from_clicks(empty, torch.zeros(D), asked, cells, labels)
+    once, _ = refine_with_instances(empty, torch.zeros(D), Instances(), cells, labels)
+    assert torch.equal(built, once) and len(asked.asked) == len(set(asked.asked))
+
+
 def test_the_carried_instance_stops_below_the_overlap_asked_for() -> None:
     logits, scores = _text_result()
     # one cell of drift per slice on a side of 5: IoU 4/6 = 0.67, so 0.7 keeps only the clicked slice

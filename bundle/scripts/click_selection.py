@@ -70,6 +70,8 @@ def build_from_clicks(
     structure (rule 1 clears its voxel) instead of emptying the slice it lies on."""
     foreground = labels == 1
     logits, scores = refine_with_instances(logits, scores, candidates, cells[foreground], labels[foreground])
+    if foreground.all():
+        return logits, scores  # nothing left to correct: a second pass would only ask the detector again
     return refine_with_instances(logits, scores, candidates, cells, labels)
 
 

@@ -193,6 +193,7 @@ class VolumeSegmenter:
         Without a text prompt the foreground clicks name the structure, then build the result from nothing
         (:func:`scripts.click_selection.build_from_clicks`)."""
         predictor = self.predictor
+        refine = refine_with_instances
         if initial is None:
             foreground = labels == 1
             lookup = functools.partial(predictor.text_candidates, encoding)
@@ -201,6 +202,7 @@ class VolumeSegmenter:
                 logger.info("No detector instance holds the clicks: the tracker answers them")
                 return None
             logger.info("Clicks without a text prompt follow the instances of %r", text)
+            initial, refine = PromptResult(*predictor.empty_result(encoding)), build_from_clicks
         else:
             (text,) = texts()
 
@@ -208,10 +210,7 @@ class VolumeSegmenter:
             masks, scores = predictor.text_candidates(encoding, [text], index)
             return masks[0], scores[0]
 
-        if initial is None:
-            empty = PromptResult(*predictor.empty_result(encoding))
-            return PromptResult(*build_from_clicks(empty.logits, empty.scores, candidates, cells, labels))
-        return PromptResult(*refine_with_instances(initial.logits, initial.scores, candidates, cells, labels))
+        return PromptResult(*refine(initial.logits, initial.scores, candidates, cells, labels))
 
     def _unnamed(self, image: ImageVolume, modality: str) -> list[str]:
         """The vocabulary's prompts answered on the intensity preset of clicks without a text prompt."""
