@@ -36,6 +36,7 @@ from PIL import Image
 from selenium import webdriver
 from selenium.common.exceptions import (
     ElementClickInterceptedException,
+    ElementNotInteractableException,
     NoSuchElementException,
     StaleElementReferenceException,
     WebDriverException,
@@ -291,8 +292,10 @@ class OhifViewer:
     # helpers
     def _open_tab(self, name: str, model: str) -> WebElement:
         tab = wait_until(lambda: self._tab(name), 30, f"the {name} tab")
-        if not tab.find_element(By.CSS_SELECTOR, "input.tab-switch").is_selected():
+        switch = tab.find_element(By.CSS_SELECTOR, "input.tab-switch")
+        if not switch.is_selected():
             self._click(tab.find_element(By.CSS_SELECTOR, "label.tab-label"))
+            wait_until(switch.is_selected, 10, f"the {name} tab opening")
         Select(tab.find_element(By.CSS_SELECTOR, "select.selectBox")).select_by_value(model)
         return tab
 
@@ -323,17 +326,18 @@ class OhifViewer:
         return self.driver.find_elements(By.CSS_SELECTOR, css)
 
     def _click(self, element: WebElement, timeout: float = 15) -> None:
-        """Click as a user would, waiting out notifications that cover the element for a few seconds."""
+        """Click as a user would, waiting out notifications that cover the element for a few seconds and content
+        that is still being shown (a tab's table right after the tab opens was once not interactable in CI)."""
         self.driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
 
         def clicked() -> bool:
             try:
                 element.click()
                 return True
-            except ElementClickInterceptedException:
+            except (ElementClickInterceptedException, ElementNotInteractableException):
                 return False
 
-        wait_until(clicked, timeout, "a click not covered by a notification")
+        wait_until(clicked, timeout, "a click on a shown element not covered by a notification")
 
 
 def _screen_position(view: np.ndarray, voxel: tuple[int, int], grid: tuple[int, int]) -> tuple[float, float]:
