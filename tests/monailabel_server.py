@@ -49,9 +49,17 @@ def launch_server(root: Path, folder: Path, port: int, *conf: str) -> Iterator[s
         yield url
 
 
+def server_temp(root: Path) -> Path:
+    """The temporary folder of a server started in ``root`` (its ``TMPDIR``)."""
+    return root / "tmp"
+
+
 def server_process(root: Path, folder: Path, port: int, *conf: str) -> Iterator[tuple[str, subprocess.Popen]]:
     """:func:`launch_server`, also yielding the server's process (for tests that kill it)."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    temp = server_temp(root)
+    temp.mkdir(exist_ok=True)
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "TMPDIR": str(temp)}  # the server's temporary files, for tests to check
     args = ["start_server", "--app", str(REPO / "monailabel_app"), "--studies", str(folder)]
     args += ["--host", "127.0.0.1", "--port", str(port), *conf]
     log = (root / "server.log").open("w")

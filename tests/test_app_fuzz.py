@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 from fuzz_requests import fuzz_requests, nifti_bytes
-from monailabel_server import start_server
+from monailabel_server import server_temp, start_server
 
 from scripts.phantom import write_phantom
 
@@ -41,6 +41,8 @@ def test_generated_hostile_requests_get_no_5xx(server) -> None:
     url, studies = server
     outside = studies.parent / "outside_sentinel"
     before = sorted(p.name for p in studies.parent.iterdir())
+    temp = server_temp(studies.parent)
+    kept = temp_files(temp)  # MONAI Label's logging configuration, written at start-up
     statuses: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     failures = []
     for request in fuzz_requests(IMAGES, count=300, seed=1):
@@ -56,6 +58,22 @@ def test_generated_hostile_requests_get_no_5xx(server) -> None:
     assert sum(c[200] for c in statuses.values()) < 300  # hostile requests were refused, not all waved through
     assert not outside.exists() and sorted(p.name for p in studies.parent.iterdir()) == before
     assert all((studies / f"{name}.nii.gz").is_file() for name in IMAGES)  # nothing deleted
+    assert statuses["upload"][400] and statuses["label upload"][400] and statuses["session"][400], statuses
+    deadline = time.monotonic() + 10
+
+    def left() -> list[str]:  # the server's results folder stays, empty: each result goes once it is sent
+        return sorted(set(temp_files(temp)) - set(kept))
+
+    while left() and time.monotonic() < deadline:  # accepted uploads go once their answer is sent
+        time.sleep(0.2)
+    assert not left(), f"{len(left())} refused uploads left their temporary copies behind: {left()[:5]}"
+
+
+def temp_files(temp: Path) -> list[str]:
+    """Files and folders in a server's temporary folder but torch's compile cache and the (kept) results folder
+    itself: the results in it go once sent."""
+    found = (p.relative_to(temp) for p in temp.rglob("*"))
+    return sorted(str(p) for p in found if not p.parts[0].startswith("torchinductor_") and str(p) != "medsam3_results")
 
 
 @pytest.mark.parametrize(
