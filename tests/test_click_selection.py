@@ -72,6 +72,38 @@ def test_the_carried_instance_stops_where_the_detector_no_longer_believes_in_it(
         refine_with_instances(empty, torch.zeros(D), Instances(), cells, labels, min_relative_score=1.5)
 
 
+class BlobInstances(Instances):
+    """As :class:`Instances`, plus a near-zero blob (score 0.001) covering the whole slice on every slice: what a
+    detector's unused queries hold under almost any click."""
+
+    def __call__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        masks, scores = super().__call__(index)
+        return torch.cat([masks, torch.full((1, LOW, LOW), ON)]), torch.cat([scores, torch.tensor([0.001])])
+
+
+def test_instances_scoring_below_the_least_score_are_never_picked_nor_carried() -> None:
+    """A click outside every real instance finds only the blob: with ``min_score`` the slice keeps its result
+    (the clicked voxel is set downstream, rule 1) instead of the blob spreading over every slice; the clicks-alone
+    look-up does not name a structure by its blob either."""
+    logits, scores = _text_result()
+    cells, labels = np.array([[3, 14, 0]]), np.array([1])  # slice 3, in neither square
+    picked, _ = refine_with_instances(logits, scores, BlobInstances(), cells, labels)
+    assert all((picked[index] > 0).all() for index in range(D))  # without a least score, the blob everywhere
+    kept, _ = refine_with_instances(logits, scores, BlobInstances(), cells, labels, min_score=0.25)
+    assert torch.equal(kept, logits)
+    # a real instance is still picked, and carried only while its continuation is no blob
+    kept, _ = refine_with_instances(logits, scores, BlobInstances(), np.array([[3, 4, 5]]), labels, min_score=0.25)
+    assert [index for index in range(D) if (kept[index, :, :10] > 0).any()] == [1, 2, 3, 4, 5]
+    assert (kept[:, 13:, :] <= 0).all()
+
+    def lookup(names: list[str], index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        masks, instance_scores = BlobInstances()(index)
+        return masks[None].expand(len(names), -1, -1, -1), instance_scores[None].expand(len(names), -1)
+
+    assert structure_under_clicks(["liver"], lookup, cells, labels) == "liver"
+    assert structure_under_clicks(["liver"], lookup, cells, labels, min_score=0.25) is None
+
+
 def test_clicks_alone_build_the_structure_before_a_background_click_no_instance_honours() -> None:
     """From nothing, a background click beside the foreground one inside the same instance: no instance holds the one
     without the other, so one pass would leave every slice empty; the foreground clicks build first, and the

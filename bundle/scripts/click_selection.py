@@ -19,6 +19,7 @@ This serves models whose detector learnt the structures but whose tracker did no
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -37,9 +38,12 @@ def refine_with_instances(
     labels: np.ndarray,
     min_overlap: float = 0.5,
     min_relative_score: float = 0.75,
+    min_score: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The text result (``logits`` D x h x w, ``scores`` D) refined by clicks at low-resolution ``cells``
-    (N x 3: slice, row, column) with ``labels`` (1 foreground, 0 background); returns new logits and scores."""
+    (N x 3: slice, row, column) with ``labels`` (1 foreground, 0 background); returns new logits and scores.
+    Instances scoring below ``min_score`` are never picked nor carried: a detector's unused queries hold some blob
+    under almost any click, scoring near 0."""
     if not 0.0 < min_overlap <= 1.0:
         raise ValueError(f"min_overlap must be in (0, 1], got {min_overlap}")
     if not 0.0 <= min_relative_score <= 1.0:
@@ -51,11 +55,12 @@ def refine_with_instances(
         if _agrees(current, positive, negative):
             continue  # the result already agrees with every click on this slice
         masks, instance_scores = candidates(index)
-        chosen = _consistent_instance(masks > 0, instance_scores, current, positive, negative)
+        eligible = instance_scores >= min_score
+        chosen = _consistent_instance(masks > 0, instance_scores, eligible, current, positive, negative)
         if chosen is None:  # no instance fits: the slice keeps its result (the clicked voxels are set anyway)
             continue
         adds = bool(positive) and not any(bool(current[cell]) for cell in negative)  # nothing to take away
-        floor = float(instance_scores[chosen]) * min_relative_score
+        floor = max(float(instance_scores[chosen]) * min_relative_score, min_score)
         _place(logits, scores, index, masks[chosen], instance_scores[chosen], adds)
         for step in (1, -1):
             _carry(logits, scores, candidates, index, step, masks[chosen] > 0, clicks, min_overlap, floor, adds)
@@ -63,16 +68,22 @@ def refine_with_instances(
 
 
 def build_from_clicks(
-    logits: torch.Tensor, scores: torch.Tensor, candidates: Candidates, cells: np.ndarray, labels: np.ndarray
+    logits: torch.Tensor,
+    scores: torch.Tensor,
+    candidates: Candidates,
+    cells: np.ndarray,
+    labels: np.ndarray,
+    min_score: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clicks without a text prompt, from an empty result (``logits``, ``scores``): the foreground clicks build it,
     then every click refines it as it refines a text result. So a background click no instance can honour leaves the
     structure (rule 1 clears its voxel) instead of emptying the slice it lies on."""
     foreground = labels == 1
-    logits, scores = refine_with_instances(logits, scores, candidates, cells[foreground], labels[foreground])
+    refine = functools.partial(refine_with_instances, candidates=candidates, min_score=min_score)
+    logits, scores = refine(logits, scores, cells=cells[foreground], labels=labels[foreground])
     if foreground.all():
         return logits, scores  # nothing left to correct: a second pass would only ask the detector again
-    return refine_with_instances(logits, scores, candidates, cells, labels)
+    return refine(logits, scores, cells=cells, labels=labels)
 
 
 def follows_clicks(logits: torch.Tensor, cells: np.ndarray, labels: np.ndarray) -> bool:
@@ -87,10 +98,12 @@ def structure_under_clicks(
     cells: np.ndarray,
     labels: np.ndarray,
     chunk: int = 8,
+    min_score: float = 0.0,
 ) -> str | None:
     """The prompt with an instance, on the slice of the first foreground click given, that holds the most of that
     slice's foreground clicks and none of its background clicks, the highest-scoring one among equals; None when no
-    prompt has such an instance. ``candidates`` answers ``chunk`` prompts at a time (P x Q x h x w, P x Q)."""
+    prompt has such an instance (instances scoring below ``min_score`` do not count). ``candidates`` answers
+    ``chunk`` prompts at a time (P x Q x h x w, P x Q)."""
     index = int(cells[labels == 1][0, 0])
     positive, negative = _clicks_on(cells, labels, index)
     best: tuple[int, float, str] | None = None
@@ -98,7 +111,7 @@ def structure_under_clicks(
         names = prompts[start : start + chunk]
         for prompt, masks, scores in zip(names, *candidates(names, index), strict=True):
             nothing = torch.zeros_like(masks[0], dtype=torch.bool)
-            chosen = _consistent_instance(masks > 0, scores, nothing, positive, negative)
+            chosen = _consistent_instance(masks > 0, scores, scores >= min_score, nothing, positive, negative)
             if chosen is None:
                 continue
             key = (sum(bool(masks[chosen][cell] > 0) for cell in positive), float(scores[chosen]), prompt)
@@ -123,14 +136,17 @@ def _agrees(mask: torch.Tensor, positive: list, negative: list) -> bool:
 def _consistent_instance(
     masks: torch.Tensor,
     scores: torch.Tensor,
+    eligible: torch.Tensor,
     current: torch.Tensor,
     positive: list[tuple[int, int]],
     negative: list[tuple[int, int]],
 ) -> int | None:
-    """The instance holding the most foreground clicks and no background click. With foreground clicks it must hold
-    one; with background clicks only it must overlap the current result (there is nothing to correct otherwise)."""
+    """The ``eligible`` instance holding the most foreground clicks and no background click. With foreground clicks
+    it must hold one; with background clicks only it must overlap the current result (nothing to correct otherwise)."""
     best: tuple[int, float, float, int] | None = None
     for q, mask in enumerate(masks):
+        if not bool(eligible[q]):
+            continue
         inside = sum(bool(mask[cell]) for cell in positive)
         overlap = float(_iou(mask, current))
         if (inside == 0 if positive else overlap == 0) or any(bool(mask[cell]) for cell in negative):

@@ -24,6 +24,7 @@ from .label_numbering import value_names, vocabulary_values
 from .low_res_grid import pixel_cells
 from .orientation import SliceView
 from .predictor import Medsam3Predictor, PromptResult, VolumeEncoding
+from .presence_pass import PRESENCE_MARGIN
 from .prompts import PromptSet
 from .slices import prepare_slices, preset_for
 from .vocabulary import ResolvedPrompt, Vocabulary
@@ -79,6 +80,12 @@ class VolumeSegmenter:
         self.plane = plane
         self.modality = modality
         self.cache = cache  # reuse encodings across calls (the MONAI Label server); None: per call only
+
+    @property
+    def click_min_score(self) -> float:
+        """The least score of an instance a click may pick: half the text threshold (:data:`PRESENCE_MARGIN`), the
+        faint edge of a structure, not the near-zero blobs of the detector's unused queries."""
+        return PRESENCE_MARGIN * self.predictor.score_threshold
 
     def resolve(self, prompts: PromptSet) -> list[ResolvedPrompt]:
         return [self.vocabulary.resolve(text) for text in prompts.texts]
@@ -197,7 +204,9 @@ class VolumeSegmenter:
         if initial is None:
             foreground = labels == 1
             lookup = functools.partial(predictor.text_candidates, encoding)
-            text = structure_under_clicks(texts(), lookup, cells[foreground], labels[foreground], predictor.batch_size)
+            text = structure_under_clicks(
+                texts(), lookup, cells[foreground], labels[foreground], predictor.batch_size, self.click_min_score
+            )
             if text is None:
                 logger.info("No detector instance holds the clicks: the tracker answers them")
                 return None
@@ -210,7 +219,8 @@ class VolumeSegmenter:
             masks, scores = predictor.text_candidates(encoding, [text], index)
             return masks[0], scores[0]
 
-        return PromptResult(*refine(initial.logits, initial.scores, candidates, cells, labels))
+        refined = refine(initial.logits, initial.scores, candidates, cells, labels, min_score=self.click_min_score)
+        return PromptResult(*refined)
 
     def _unnamed(self, image: ImageVolume, modality: str) -> list[str]:
         """The vocabulary's prompts answered on the intensity preset of clicks without a text prompt."""
