@@ -8,7 +8,7 @@ import torch
 from helpers import random_slices, tiny_model
 
 from scripts.predictor import EMPTY_LOGIT, Medsam3Predictor, PromptResult
-from scripts.presence_pass import PRESENCE_MARGIN
+from scripts.presence_pass import PRESENCE_MARGIN, smoothed_scores
 
 CPU = torch.device("cpu")
 
@@ -210,6 +210,36 @@ def test_presence_gating_changes_no_text_result(model) -> None:
         expected = plain.segment_text(plain.encode(slices), prompts)
     for ours, theirs in zip(results, expected, strict=True):
         assert torch.equal(ours.logits, theirs.logits) and torch.equal(ours.scores, theirs.scores)
+
+
+def test_score_smoothing_decides_which_slices_show_a_prompt_from_their_neighbours(model) -> None:
+    """With ``score_smoothing`` 3 a slice shows a prompt when the mean of its and its neighbours' scores passes the
+    threshold: slices that pass both ways keep exactly their own masks, a slice that passes only by the mean keeps
+    its best instance, and a slice that passes only by itself is dropped."""
+    slices = random_slices(12)
+    prompts = ["liver", "spleen", "aorta", "left kidney", "right kidney", "vertebrae"]
+    probe = Medsam3Predictor(model, batch_size=8, score_threshold=0.0)
+    encoding = probe.encode(slices)
+    raw = torch.stack([r.scores for r in probe.segment_text(encoding, prompts)])  # prompts x slices
+    mean = smoothed_scores(raw, 3)
+    threshold = float(raw.flatten().median())
+    plain = Medsam3Predictor(model, batch_size=8, score_threshold=threshold)
+    smooth = Medsam3Predictor(model, batch_size=8, score_threshold=threshold, score_smoothing=3)
+    expected, results = (p.segment_text(p.encode(slices), prompts) for p in (plain, smooth))
+    shown, alone = mean > threshold, raw > threshold
+    by_mean = shown & ~alone & (raw > PRESENCE_MARGIN * threshold)
+    assert (shown & alone).any() and (alone & ~shown).any() and by_mean.any()  # every case is exercised
+    for p, (ours, theirs) in enumerate(zip(results, expected, strict=True)):
+        torch.testing.assert_close(ours.scores, mean[p], atol=1e-5, rtol=1e-4)
+        assert (ours.logits[~shown[p]] == EMPTY_LOGIT).all()
+        both = shown[p] & alone[p]
+        torch.testing.assert_close(ours.logits[both].float(), theirs.logits[both].float(), atol=2e-3, rtol=1e-3)
+        for index in by_mean[p].nonzero().flatten().tolist():
+            masks, scores = smooth.text_candidates(encoding, [prompts[p]], index)
+            best = masks[0, scores[0].argmax()].clamp_min(EMPTY_LOGIT)
+            torch.testing.assert_close(ours.logits[index].float(), best, atol=2e-2, rtol=1e-2)
+    with pytest.raises(ValueError, match="score_smoothing must be an odd number of slices >= 1, got 2"):
+        Medsam3Predictor(model, score_smoothing=2)
 
 
 def test_text_prompts_share_the_empty_geometry_encoding(model) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from scripts.presence_pass import PRESENCE_MARGIN, coarse_slices, neighbourhood_plan, plan_chunks
+from scripts.presence_pass import PRESENCE_MARGIN, coarse_slices, neighbourhood_plan, plan_chunks, smoothed_scores
 
 
 @pytest.mark.parametrize(
@@ -42,3 +43,16 @@ def test_chunks_cap_the_pairs_per_forward_but_keep_whole_slices() -> None:
     plan = [(0, [0, 1, 2]), (1, [0]), (2, [0, 1]), (3, [0, 1, 2, 3, 4])]
     assert plan_chunks(plan, 4) == [[(0, [0, 1, 2]), (1, [0])], [(2, [0, 1])], [(3, [0, 1, 2, 3, 4])]]
     assert plan_chunks([], 4) == []
+
+
+def test_smoothed_scores_are_the_mean_over_neighbouring_slices_with_the_ends_repeated() -> None:
+    scores = torch.tensor([[0.9, 0.1, 0.9, 0.9, 0.1, 0.1, 0.9, 0.1, 0.1], [0.2] * 9])
+    inside, outside = (0.9 + 0.9 + 0.1) / 3, (0.9 + 0.1 + 0.1) / 3
+    expected = torch.tensor([[inside] * 4 + [outside] * 4 + [0.1], [0.2] * 9])
+    torch.testing.assert_close(smoothed_scores(scores, 3), expected)
+    five = smoothed_scores(scores, 5)[0]
+    torch.testing.assert_close(five[[0, 4, 8]], torch.tensor([0.74, 0.58, 0.26]))  # (.9 + .9 + .9 + .1 + .9) / 5, ...
+    assert smoothed_scores(scores, 1) is scores  # 1: each slice's own score
+    for window in (0, 2, -1):
+        with pytest.raises(ValueError, match=f"score_smoothing must be an odd number of slices >= 1, got {window}"):
+            smoothed_scores(scores, window)

@@ -175,12 +175,18 @@ class MedSam3(nn.Module):
 
 
 @torch.no_grad()
-def text_result_logits(out: dict, threshold: float = 0.5) -> torch.Tensor:
+def text_result_logits(out: dict, threshold: float = 0.5, best_above: float | None = None) -> torch.Tensor:
     """N x h x w: per (prompt, image) pair, the union of the instances scoring above ``threshold`` (the predictor's
-    text result), :data:`EMPTY_LOGIT` where none does."""
+    text result), :data:`EMPTY_LOGIT` where none does. With ``best_above``, a pair with no instance above
+    ``threshold`` keeps its best one if that scores above ``best_above``: a slice that smoothing across slices
+    may still show (:func:`scripts.presence_pass.smoothed_scores`)."""
     scores = out["pred_logits"].float().sigmoid().squeeze(-1)  # N x Q, presence already folded in
     masks = out["pred_masks"].float()
-    return torch.where(scores[..., None, None] > threshold, masks, torch.full_like(masks, EMPTY_LOGIT)).amax(dim=1)
+    kept = scores > threshold
+    if best_above is not None:
+        best = scores.max(dim=1, keepdim=True).values
+        kept |= (scores == best) & (best > best_above) & ~kept.any(dim=1, keepdim=True)
+    return torch.where(kept[..., None, None], masks, torch.full_like(masks, EMPTY_LOGIT)).amax(dim=1)
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:

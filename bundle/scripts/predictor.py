@@ -25,7 +25,15 @@ from tqdm.auto import tqdm
 from .cpu_compat import device_fallbacks, precision
 from .low_res_grid import box_window
 from .network import EMPTY_LOGIT, MedSam3, find_stage, text_result_logits
-from .presence_pass import Plan, coarse_slices, neighbourhood_plan, plan_chunks
+from .presence_pass import (
+    PRESENCE_MARGIN,
+    Plan,
+    check_smoothing,
+    coarse_slices,
+    neighbourhood_plan,
+    plan_chunks,
+    smoothed_scores,
+)
 from .timing import StageTimer
 
 __all__ = ["EMPTY_LOGIT", "Medsam3Predictor", "PromptResult", "VolumeEncoding"]
@@ -82,6 +90,7 @@ class Medsam3Predictor:
         propagation_confidence: float = 0.8,
         memory_selection: bool = True,
         presence_stride: int = 1,
+        score_smoothing: int = 1,
         amp: bool = True,
         progress: bool = False,
     ) -> None:
@@ -98,6 +107,8 @@ class Medsam3Predictor:
         self.propagation_confidence = propagation_confidence
         coarse_slices(1, presence_stride)  # refuses a stride below 1
         self.presence_stride = presence_stride  # many labels: coarse pass first (scripts/presence_pass.py)
+        check_smoothing(score_smoothing)
+        self.score_smoothing = score_smoothing  # which slices show a label: mean score over this many slices
         # As SAM 3's video predictor: only confident slices enter the tracker's memory (docs/clicks.md)
         model.tracker.use_memory_selection = bool(memory_selection)
         self.progress = progress
@@ -160,7 +171,9 @@ class Medsam3Predictor:
         return {key: torch.cat([e[key] for e in entries], dim=dim) for key, dim in TEXT_BATCH_DIM.items()}
 
     def segment_text(self, encoding: VolumeEncoding, prompts: Sequence[str]) -> list[PromptResult]:
-        """Per prompt: the union of instances scoring above the threshold on every slice (kept on ``encoding``)."""
+        """Per prompt and slice: the union of instances scoring above the threshold, on the slices that show the
+        prompt (its score there, or with ``score_smoothing`` its mean score around there, passes the threshold; a
+        slice shown only by the mean keeps its best instance). Results are kept on ``encoding``."""
         if not prompts:
             raise ValueError("No text prompts given")
         missing = [p for p in dict.fromkeys(prompts) if (p, self.score_threshold) not in encoding.text_results]
@@ -181,6 +194,8 @@ class Medsam3Predictor:
             self._answer(encoding, text, [(index, everyone) for index in coarse], logits, scores)
             rest = neighbourhood_plan(coarse, scores[:, coarse].cpu().numpy(), self.score_threshold, num)
             self._answer(encoding, text, rest, logits, scores)
+            scores = smoothed_scores(scores, self.score_smoothing)
+            logits[scores <= self.score_threshold] = EMPTY_LOGIT
         return [PromptResult(logits=logits[i], scores=scores[i]) for i in everyone]
 
     def _answer(
@@ -188,14 +203,16 @@ class Medsam3Predictor:
     ) -> None:
         """Answer the plan's (slice, prompt) pairs, several slices per forward: each pair is one detector query."""
         low = self.low_res
+        # Smoothing may show a slice that scores below the threshold: such a slice's best instance needs its mask.
+        gate = self.score_threshold if self.score_smoothing == 1 else PRESENCE_MARGIN * self.score_threshold
         for chunk in plan_chunks(plan, max(self.batch_size, len(text["language_mask"]))):
             with self.timer.stage("heads"):
                 slice_ids = torch.tensor([index for index, _ in chunk], device=self.device)
                 img_ids = torch.tensor([i for i, (_, ps) in enumerate(chunk) for _ in ps], device=self.device)
                 text_ids = torch.tensor([p for _, ps in chunk for p in ps], device=self.device)
-                out = self._detect(encoding, text, (slice_ids, img_ids, text_ids), self.score_threshold)
+                out = self._detect(encoding, text, (slice_ids, img_ids, text_ids), gate)
                 # supervise_joint_box_scores: pred_logits already include the presence score
-                union = text_result_logits(out, self.score_threshold).view(-1, low, low)
+                union = text_result_logits(out, self.score_threshold, best_above=gate).view(-1, low, low)
                 logits[text_ids, slice_ids[img_ids]] = union.clamp_min(EMPTY_LOGIT).half()
                 scores[text_ids, slice_ids[img_ids]] = out["pred_logits"].float().sigmoid().squeeze(-1).amax(dim=1)
 

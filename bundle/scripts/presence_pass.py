@@ -5,13 +5,28 @@ answered on the slices between two coarse slices only when one of the two showed
 :data:`PRESENCE_MARGIN` times the score threshold (half of it, so a structure's faint edge still opens its
 neighbourhood). Labels absent from the image cost 1/k of the full pass. The price: a structure shorter than k
 slices, lying wholly between two coarse slices, can be missed; k = 1 (the default) answers every pair, exactly.
+
+Once every pair is answered, ``score_smoothing`` w > 1 decides which slices show a label from the mean of its
+score over w consecutive slices (:func:`smoothed_scores`) instead of each slice's own: an organ is one run of
+slices, so a slice inside it that scores low keeps its best instance, and a lone confident slice outside it is
+dropped. Slices that pass both ways keep their masks unchanged.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
-__all__ = ["PRESENCE_MARGIN", "Plan", "coarse_slices", "neighbourhood_plan", "plan_chunks"]
+__all__ = [
+    "PRESENCE_MARGIN",
+    "Plan",
+    "check_smoothing",
+    "coarse_slices",
+    "neighbourhood_plan",
+    "plan_chunks",
+    "smoothed_scores",
+]
 
 PRESENCE_MARGIN = 0.5
 
@@ -51,3 +66,18 @@ def plan_chunks(plan: Plan, pairs_per_forward: int) -> list[Plan]:
         chunks[-1].append(entry)
         size += len(entry[1])
     return chunks
+
+
+def check_smoothing(window: int) -> None:
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"score_smoothing must be an odd number of slices >= 1, got {window}")
+
+
+def smoothed_scores(scores: torch.Tensor, window: int) -> torch.Tensor:
+    """P x D per-slice scores averaged over ``window`` slices centred on each (the end slices repeated beyond the
+    stack, so a structure touching the first or last slice is not diluted); ``window`` 1 returns ``scores``."""
+    check_smoothing(window)
+    if window == 1:
+        return scores
+    padded = F.pad(scores[:, None].float(), (window // 2, window // 2), mode="replicate")
+    return F.avg_pool1d(padded, window, stride=1)[:, 0].to(scores.dtype)
