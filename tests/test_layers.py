@@ -31,6 +31,7 @@ FLOORS = {
         "presence_pass",
         "click_selection",
         "low_res_grid",
+        "volume_encoding",
     },
     2: {"timing", "cpu_compat", "click_training", "checkpoint", "vocabulary", "orientation", "phantom"},
     3: {"network", "label_numbering", "slices", "phantom_dataset", "dicom_seg"},

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,6 +34,7 @@ from .presence_pass import (
     smoothed_scores,
 )
 from .timing import StageTimer
+from .volume_encoding import PromptResult, VolumeEncoding
 
 __all__ = ["EMPTY_LOGIT", "Medsam3Predictor", "PromptResult", "VolumeEncoding"]
 
@@ -43,39 +43,6 @@ logger = logging.getLogger(__name__)
 MAX_PROMPTS_PER_FORWARD = 64  # text prompts answered in one detector forward (x slices: the memory cap)
 TEXT_BATCH_DIM = {"language_features": 1, "language_mask": 0, "language_embeds": 1}  # the prompts' axis
 MAX_CLICKS_PER_SLICE = 16  # upstream Sam3TrackerPredictor's max_point_num_in_prompt_enc
-
-
-@dataclass
-class VolumeEncoding:
-    """Image features of a slice stack: ``trunk`` is D x C x f x f (ViT output), slices are H x W pixels."""
-
-    trunk: torch.Tensor
-    height: int
-    width: int
-    # Text results already computed on these features, by (prompt, score threshold): clicks that refine a text
-    # result, and repeated requests for the same structure, reuse them.
-    text_results: dict[tuple[str, float], PromptResult] = field(default_factory=dict)
-
-    @property
-    def num_slices(self) -> int:
-        return int(self.trunk.shape[0])
-
-    def nbytes(self) -> int:
-        held = [self.trunk] + [t for r in self.text_results.values() for t in (r.logits, r.scores)]
-        return sum(t.numel() * t.element_size() for t in held)
-
-
-@dataclass
-class PromptResult:
-    """One prompt's answer: ``logits`` D x h x w low-res mask logits (model space), ``scores`` D per-slice scores."""
-
-    logits: torch.Tensor
-    scores: torch.Tensor
-
-    @property
-    def score(self) -> float:
-        """The prompt's score over the stack: its best slice."""
-        return float(self.scores.max()) if self.scores.numel() else 0.0
 
 
 class Medsam3Predictor:
