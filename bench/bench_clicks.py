@@ -38,7 +38,8 @@ from scripts.prompts import PromptSet  # noqa: E402
 from scripts.vocabulary import load_vocabulary  # noqa: E402
 
 DEMO = REPO / "bundle" / "models" / "demo_tiny.pt"
-THRESHOLD = json.loads((REPO / "bundle" / "configs" / "demo.json").read_text())["score_threshold"]  # as demo.json
+DEMO_CONFIG = json.loads((REPO / "bundle" / "configs" / "demo.json").read_text())
+OPTIONS = {key: DEMO_CONFIG[key] for key in ("score_threshold", "score_smoothing")}  # as demo.json
 
 
 def _requests(segmenter: VolumeSegmenter, folder: Path, with_text: bool) -> list[float]:
@@ -73,7 +74,7 @@ def main() -> None:
         write_held_out_dataset(folder)
         for mode in ("tracker", "instances", "auto"):
             segmenter = VolumeSegmenter(
-                Medsam3Predictor(model, score_threshold=THRESHOLD),
+                Medsam3Predictor(model, **OPTIONS),
                 vocabulary,
                 cache=EncodingCache(2**30),
                 click_refinement=mode,
@@ -90,7 +91,7 @@ def main() -> None:
         {
             "benchmark": "seconds per click request (encoding cached), demo model, held-out phantoms",
             "device": f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
-            "model": f"bundle/models/demo_tiny.pt (tiny), score_threshold {THRESHOLD}",
+            "model": f"bundle/models/demo_tiny.pt (tiny), {OPTIONS}",
             "held_out": "3 phantoms, 80 x 72 x 28; 4 organs; the protocol's first 3 clicks",
             "results": results,
         },

@@ -59,22 +59,28 @@ def test_the_demo_model_is_the_committed_file() -> None:
 
 
 def test_text_prompts_segment_held_out_organs(with_text: dict) -> None:
-    """Regression floor of the shipped demo model (measured 2026-12-01, the model trained with "not here" labels:
-    liver 0.90, spleen 0.63, right kidney 0.55, left kidney 0.75, mean 0.706, at demo.json's score_threshold 0.5; the
-    targets of issue #9 are in ``test_the_demo_model_meets_the_targets``)."""
+    """Regression floor of the shipped demo model (measured 2026-12-01, session 4: 6500 steps on 100 phantoms, with
+    demo.json's score_threshold 0.5 and score_smoothing 3: liver 0.92, spleen 0.71, right kidney 0.75, left kidney
+    0.82, mean 0.799; without the smoothing 0.775, left kidney 0.77). The targets of issue #9 are in
+    ``test_the_demo_model_meets_the_text_and_click_targets``."""
     dice = {name: with_text[name]["dice_mean"] for name in LABELS.values()}
-    assert dice["liver"] >= 0.85 and dice["spleen"] >= 0.6, dice
-    assert dice["right kidney"] >= 0.5 and dice["left kidney"] >= 0.7 and _mean(with_text, "dice_mean") >= 0.68, dice
+    assert dice["liver"] >= 0.88 and dice["spleen"] >= 0.68, dice
+    assert dice["right kidney"] >= 0.72 and dice["left kidney"] >= 0.79 and _mean(with_text, "dice_mean") >= 0.78, dice
+
+
+def _assert_clicks_refine(curve: list[float], text: float) -> None:
+    """The protocol's first click lands at the structure's centre, mostly inside the text result, so it changes
+    little; the corrections that follow raise the Dice."""
+    assert curve[0] >= text - 0.01 and curve == sorted(curve) and curve[-1] > max(curve[0], text) + 0.01, (curve, text)
 
 
 def test_clicks_refine_the_text_result(with_text: dict) -> None:
-    """Measured 2026-12-01 with ``click_refinement: instances`` (demo.json): text 0.706, then 0.711 / 0.723 / 0.748
-    after 1 / 3 / 5 clicks. The instances a click can pick are those of the text result, so the gain is small. One
-    organ dips: on ct_psr the second click lands on a slice the detector left empty, whose instance (score 0.36)
-    reaches past the left kidney's end, so the left kidney goes from 0.75 to 0.70 after 3 clicks and back to 0.78
-    after 5."""
+    """Measured 2026-12-01, session 4, with ``click_refinement: instances`` (demo.json): text 0.799, then 0.798 /
+    0.815 / 0.817 after 1 / 3 / 5 clicks. Clicks pick only instances scoring at least half the threshold: without
+    that floor the detector's unused queries (scores near 0.001) held a blob under a click beside the right kidney,
+    carried over every slice, and the curve fell to 0.737 / 0.713."""
     curve = [_mean(with_text, f"dice_{count}_clicks") for count in (1, 3, 5)]
-    assert _mean(with_text, "dice_mean") < curve[0] < curve[1] < curve[2], curve
+    _assert_clicks_refine(curve, _mean(with_text, "dice_mean"))
     for name in LABELS.values():
         text = with_text[name]["dice_mean"]
         assert all(with_text[name][f"dice_{count}_clicks"] >= text - 0.05 for count in (1, 3, 5)), with_text[name]
@@ -83,12 +89,11 @@ def test_clicks_refine_the_text_result(with_text: dict) -> None:
 
 def test_auto_clicks_refine_where_the_tracker_never_learnt_them(held_out: Path, with_text: dict) -> None:
     """``click_refinement: auto`` (inference.json's default) on the demo model, whose tracker was never trained: its
-    answers contradict the clicks, so the detector's instances answer and the clicks still refine the text result.
-    Measured 2026-12-01: 0.711 / 0.723 after 1 / 3 clicks (text 0.706; the tracker's answer contradicted the clicks
-    in all 36 requests). On the previous demo model ``tracker`` gave 0.595 / 0.600 where text gave 0.656."""
+    answers contradict the clicks, so the detector's instances answer and the clicks still refine the text result
+    as with ``instances`` (above). On an earlier demo model ``tracker`` gave 0.595 / 0.600 where text gave 0.656."""
     auto = _evaluate(held_out, "auto", "--click_refinement", "auto", "--interactive_clicks", "[1, 3]")
     curve = [_mean(auto, f"dice_{count}_clicks") for count in (1, 3)]
-    assert _mean(with_text, "dice_mean") < curve[0] < curve[1], curve
+    _assert_clicks_refine(curve, _mean(with_text, "dice_mean"))
     for name in LABELS.values():
         text = with_text[name]["dice_mean"]
         assert all(auto[name][f"dice_{count}_clicks"] >= text - 0.05 for count in (1, 3)), auto[name]
@@ -99,27 +104,27 @@ def clicks_alone(held_out: Path) -> dict:
     return _evaluate(held_out, "clicks_only", "--interactive_text", "false", "--interactive_clicks", "[1, 3]")
 
 
-def test_clicks_alone_segment_the_clicked_structure(clicks_alone: dict) -> None:
-    """Measured 2026-12-01: 0.68 after 1 click, 0.72 after 3 (the previous demo model: 0.53 and 0.59; the one trained
-    with the tracker: 0.28 and 0.40)."""
+def test_clicks_alone_reach_the_target_after_three_clicks(clicks_alone: dict) -> None:
+    """Issue #9's target for clicks without text: mean Dice at least 0.8 after 3 clicks. Measured 2026-12-01,
+    session 4: 0.736 after 1 click, 0.808 after 3 (the model before: 0.68 and 0.72)."""
     curve = [_mean(clicks_alone, f"dice_{count}_clicks") for count in (1, 3)]
-    assert curve[0] < curve[1] and curve[1] >= 0.68, curve
+    assert curve[0] < curve[1] and curve[1] >= 0.8, curve
 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue #9's targets are not met yet: held-out text Dice 0.71 (target 0.85), Dice after 5 clicks 0.75 "
-    "(target 0.9), clicks alone after 3 clicks 0.72 (target 0.8) (docs/benchmarks.md, 'The demo model')",
+    reason="issue #9's targets are not met yet: held-out text Dice 0.80 (target 0.85), Dice after 5 clicks with text "
+    "0.82 (target 0.9) (docs/benchmarks.md, 'The demo model')",
 )
-def test_the_demo_model_meets_the_targets(with_text: dict, clicks_alone: dict) -> None:
-    assert _mean(with_text, "dice_mean") >= 0.85
-    assert _mean(with_text, "dice_5_clicks") >= 0.9 and _mean(clicks_alone, "dice_3_clicks") >= 0.8
+def test_the_demo_model_meets_the_text_and_click_targets(with_text: dict) -> None:
+    assert _mean(with_text, "dice_mean") >= 0.85 and _mean(with_text, "dice_5_clicks") >= 0.9
 
 
 def test_presence_gating_leaves_every_label_map_unchanged(held_out: Path) -> None:
     """The whole vocabulary on a held-out phantom: with the mask head gated by the presence score, the label map is
-    the one every (label, slice) pair through the mask head gives. The demo model learnt "not here" for the labels no
-    phantom shows, so most pairs are gated out: the label map shows the six phantom labels only."""
+    the one every (label, slice) pair through the mask head gives, with demo.json's threshold and smoothing. The demo
+    model learnt "not here" for the labels no phantom shows, so most pairs are gated out: the label map shows the six
+    phantom labels only."""
     from unittest import mock
 
     from scripts.checkpoint import load_checkpoint
@@ -145,10 +150,12 @@ def test_presence_gating_leaves_every_label_map_unchanged(held_out: Path) -> Non
     def ungated(self, backbone_out, find_input, threshold):  # noqa: ANN001, ARG001
         return self.forward_grounding(backbone_out, find_input, None, None)
 
+    demo = json.loads((DEMO_MODEL.parents[1] / "configs" / "demo.json").read_text())
+    options = {key: demo[key] for key in ("score_threshold", "score_smoothing")}  # the gate is lower with smoothing
     with mock.patch.object(MedSam3Detector, "_run_segmentation_heads", counting):
-        gated = VolumeSegmenter(Medsam3Predictor(model), vocabulary).segment(image, prompts)
+        gated = VolumeSegmenter(Medsam3Predictor(model, **options), vocabulary).segment(image, prompts)
     with mock.patch.object(MedSam3Detector, "forward_presence_gated", ungated):
-        plain = VolumeSegmenter(Medsam3Predictor(model), vocabulary).segment(image, prompts)
+        plain = VolumeSegmenter(Medsam3Predictor(model, **options), vocabulary).segment(image, prompts)
     pairs = len(vocabulary) * SliceView.for_volume(image).to_view(image.array).shape[0]
     assert np.array_equal(gated.label, plain.label) and gated.label.any()
     assert 0 < sum(masked) < pairs / 4, (sum(masked), pairs)
