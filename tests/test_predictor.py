@@ -161,6 +161,8 @@ def test_text_results_are_kept_on_the_encoding(model) -> None:
     assert clicks.logits is not first.logits  # refining never edits the kept text result
     predictor.score_threshold = 0.9
     assert predictor.segment_text(encoding, ["liver"])[0] is not first  # another threshold, another result
+    predictor.score_threshold, predictor.score_smoothing = 0.2, 3
+    assert predictor.segment_text(encoding, ["liver"])[0] is not first  # another smoothing, another result
 
 
 def test_at_most_sixteen_clicks_of_a_slice_reach_the_heads(model) -> None:

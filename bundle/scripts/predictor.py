@@ -143,12 +143,13 @@ class Medsam3Predictor:
         slice shown only by the mean keeps its best instance). Results are kept on ``encoding``."""
         if not prompts:
             raise ValueError("No text prompts given")
-        missing = [p for p in dict.fromkeys(prompts) if (p, self.score_threshold) not in encoding.text_results]
+        settings = (self.score_threshold, self.score_smoothing)  # what a kept result depends on besides its prompt
+        missing = [p for p in dict.fromkeys(prompts) if (p, *settings) not in encoding.text_results]
         for start in range(0, len(missing), MAX_PROMPTS_PER_FORWARD):  # bounds the queries of one forward
             chunk = missing[start : start + MAX_PROMPTS_PER_FORWARD]
             for prompt, result in zip(chunk, self._segment_text(encoding, chunk), strict=True):
-                encoding.text_results[(prompt, self.score_threshold)] = result
-        return [encoding.text_results[(p, self.score_threshold)] for p in prompts]
+                encoding.text_results[(prompt, *settings)] = result
+        return [encoding.text_results[(p, *settings)] for p in prompts]
 
     def _segment_text(self, encoding: VolumeEncoding, prompts: Sequence[str]) -> list[PromptResult]:
         num, low = encoding.num_slices, self.low_res
@@ -161,17 +162,21 @@ class Medsam3Predictor:
             self._answer(encoding, text, [(index, everyone) for index in coarse], logits, scores)
             rest = neighbourhood_plan(coarse, scores[:, coarse].cpu().numpy(), self.score_threshold, num)
             self._answer(encoding, text, rest, logits, scores)
-            scores = smoothed_scores(scores, self.score_smoothing)
-            logits[scores <= self.score_threshold] = EMPTY_LOGIT
-        return [PromptResult(logits=logits[i], scores=scores[i]) for i in everyone]
+            shown = smoothed_scores(scores, self.score_smoothing)
+            logits[(shown <= self.score_threshold) & (scores > self._mask_gate)] = EMPTY_LOGIT  # the masks it drops
+        return [PromptResult(logits=logits[i], scores=shown[i]) for i in everyone]
+
+    @property
+    def _mask_gate(self) -> float:
+        """The least score of a (prompt, slice) pair whose mask is computed: smoothing may show a slice scoring below
+        the threshold, and such a slice's best instance then needs its mask."""
+        return self.score_threshold if self.score_smoothing == 1 else PRESENCE_MARGIN * self.score_threshold
 
     def _answer(
         self, encoding: VolumeEncoding, text: dict, plan: Plan, logits: torch.Tensor, scores: torch.Tensor
     ) -> None:
         """Answer the plan's (slice, prompt) pairs, several slices per forward: each pair is one detector query."""
-        low = self.low_res
-        # Smoothing may show a slice that scores below the threshold: such a slice's best instance needs its mask.
-        gate = self.score_threshold if self.score_smoothing == 1 else PRESENCE_MARGIN * self.score_threshold
+        low, gate = self.low_res, self._mask_gate
         for chunk in plan_chunks(plan, max(self.batch_size, len(text["language_mask"]))):
             with self.timer.stage("heads"):
                 slice_ids = torch.tensor([index for index, _ in chunk], device=self.device)

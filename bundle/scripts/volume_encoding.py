@@ -16,9 +16,9 @@ class VolumeEncoding:
     trunk: torch.Tensor
     height: int
     width: int
-    # Text results already computed on these features, by (prompt, score threshold): clicks that refine a text
-    # result, and repeated requests for the same structure, reuse them.
-    text_results: dict[tuple[str, float], PromptResult] = field(default_factory=dict)
+    # Text results already computed on these features, by (prompt, score threshold, score smoothing): clicks that
+    # refine a text result, and repeated requests for the same structure, reuse them.
+    text_results: dict[tuple[str, float, int], PromptResult] = field(default_factory=dict)
 
     @property
     def num_slices(self) -> int:
