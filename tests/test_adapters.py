@@ -23,7 +23,13 @@ from scripts.adapters import (
     load_adaptation,
 )
 from scripts.checkpoint import load_checkpoint, read_state_dict, save_checkpoint
+from scripts.image_io import read_image
+from scripts.inference import VolumeSegmenter
 from scripts.network import MedSam3
+from scripts.orientation import SliceView
+from scripts.phantom import write_phantom
+from scripts.predictor import Medsam3Predictor
+from scripts.vocabulary import load_vocabulary
 
 TRUNK = "detector.backbone.vision_backbone.trunk"
 ADAPTED_MODES = ("lora", "adapter3d")
@@ -205,6 +211,25 @@ def test_adapted_encoder_mixes_slices_where_the_base_encoder_does_not(images: to
     model = adapted_model("adapter3d")
     perturb(model)
     assert not torch.allclose(encode(model, images)[1], encode(model, changed)[1], atol=1e-4)
+
+
+def test_one_batch_encoded_alone_gives_its_slices_the_whole_volumes_features(tmp_path: Path) -> None:
+    """Clicks without text name their structure on the clicked slice in every intensity preset, encoding only the
+    batch of slices holding it (``VolumeSegmenter._slice_encoding``): its features must be the whole volume's, also
+    when 3D adapters mix the slices of a batch."""
+    image = read_image(write_phantom(tmp_path, shape=(24, 20, 11), spacing=(1.5, 1.5, 3.0))[0])
+    view = SliceView.for_volume(image)
+    preset = load_vocabulary().preset_for("vertebrae", "CT")
+    model = adapted_model("adapter3d")
+    perturb(model)
+    segmenter = VolumeSegmenter(Medsam3Predictor(model, batch_size=4), load_vocabulary())
+    whole = segmenter.predictor.encode(segmenter._slices(image, view, preset))
+    for index in (0, 5, 10):  # the first batch, a middle one, the last and shorter one
+        alone, local = segmenter._slice_encoding(image, view, preset, index, {})
+        assert alone.num_slices == (3 if index == 10 else 4) and local == index % 4
+        torch.testing.assert_close(alone.trunk[local], whole.trunk[index], rtol=0, atol=1e-5)
+    shifted = segmenter.predictor.encode(segmenter._slices(image, view, preset)[1:6])  # another batch: other features
+    assert not torch.allclose(shifted.trunk[4], whole.trunk[5], atol=1e-4)
 
 
 def test_bad_input_is_refused() -> None:

@@ -8,6 +8,7 @@ payload.
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,6 +110,22 @@ def test_clicks_alone_reach_the_target_after_three_clicks(clicks_alone: dict) ->
     session 4: 0.736 after 1 click, 0.808 after 3 (the model before: 0.68 and 0.72)."""
     curve = [_mean(clicks_alone, f"dice_{count}_clicks") for count in (1, 3)]
     assert curve[0] < curve[1] and curve[1] >= 0.8, curve
+
+
+def test_clicks_alone_name_structures_read_in_another_window(held_out: Path) -> None:
+    """Clicks without text on the vertebrae (CT bone window) and the aorta (CT vessel window): every label is looked
+    up on the clicked slice in its own intensity preset. Measured 2026-12-01, session 5, on the two held-out CTs:
+    vertebrae 0.30 / 0.50 after 1 click and 0.68 / 0.81 after 3, aorta 0.91 / 0.94 after 1; when only the labels of
+    the default (abdomen) window were asked, 0.002 to 0.014 for both. The MR (one preset): 0.82 and 0.91 either way."""
+    labels = json.dumps({"5": "vertebrae", "6": "aorta"})
+    _evaluate(
+        held_out, "other_windows", "--labels", labels, "--interactive_text", "false", "--interactive_clicks", "[1, 3]"
+    )
+    with (held_out / "other_windows" / "interactive.csv").open() as rows:
+        dice = {(Path(r["image"]).name, r["name"], int(r["clicks"])): float(r["dice"]) for r in csv.DictReader(rows)}
+    for case in ("ct_lps", "ct_psr", "mr_ila"):
+        image = f"{case}.nii.gz"
+        assert dice[(image, "aorta", 1)] >= 0.85 and dice[(image, "vertebrae", 3)] >= 0.6, dice
 
 
 @pytest.mark.xfail(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 UNNAMED_OBJECT = ResolvedPrompt(name="object", index=None, prompts=(), known=False)  # clicks without a text prompt
 CLICK_REFINEMENTS = ("auto", "tracker", "instances")  # how clicks refine a text result (docs/clicks.md)
+# (the clicks' low-resolution cells, their labels) -> the prompt the clicks follow and its encoding, or None
+FollowedPrompt = Callable[[np.ndarray, np.ndarray], "tuple[str, VolumeEncoding] | None"]
 
 
 @dataclass
@@ -107,8 +109,12 @@ class VolumeSegmenter:
             entry = resolved[0] if resolved else None
             encoding = encoding_for(entry)
             initial = self.predictor.segment_text(encoding, entry.prompts[:1])[0] if entry else None
-            texts = (lambda: list(entry.prompts[:1])) if entry else functools.partial(self._unnamed, image, modality)
-            results = [self._geometric(encoding, view, prompts, initial, texts, image.is_2d)]
+            follow = (
+                (lambda cells, labels: (entry.prompts[0], encoding))
+                if entry
+                else functools.partial(self._name_under_clicks, image, view, modality, memo)
+            )
+            results = [self._geometric(encoding, view, prompts, initial, follow, image.is_2d)]
             (value,) = vocabulary_values([entry or UNNAMED_OBJECT], self.vocabulary)
             rows = [self._row(entry, results[0], "clicks" if len(prompts.points) else "boxes", value=value)]
         else:
@@ -140,7 +146,7 @@ class VolumeSegmenter:
     # ------------------------------------------------------------------------------------------------ helpers
     def _encoding(self, image: ImageVolume, view: SliceView, preset: dict, memo: dict) -> VolumeEncoding:
         """Encode once per (image, plane, preset): in this call (``memo``) and across calls (``cache``)."""
-        key = image_key(image.path, view.plane, repr(sorted(preset.items())), image.array.shape)
+        key = _encoding_key(image, view, preset)
         if key not in memo:
             cached = self.cache.get(key) if self.cache is not None else None
             if cached is None:
@@ -158,7 +164,7 @@ class VolumeSegmenter:
         view: SliceView,
         prompts: PromptSet,
         initial: PromptResult | None,
-        texts: Callable[[], list[str]],
+        follow: FollowedPrompt,
         is_2d: bool,
     ) -> PromptResult:
         if len(prompts.boxes):
@@ -175,45 +181,35 @@ class VolumeSegmenter:
         labels = np.asarray(prompts.point_labels)
         cells = pixel_cells(points, encoding.height, encoding.width, self.predictor.low_res)
         if self.click_refinement == "instances" and not len(prompts.boxes):
-            refined = self._refine_with_instances(encoding, cells, labels, initial, texts)
+            refined = self._refine_with_instances(cells, labels, initial, follow)
             if refined is not None:
                 return refined
         tracked = self.predictor.segment_clicks(encoding, points, labels, initial=initial)
         if self.click_refinement != "auto" or len(prompts.boxes) or follows_clicks(tracked.logits, cells, labels):
             return tracked
         logger.info("The tracker's mask contradicts the clicks: the detector's instances answer them instead")
-        refined = self._refine_with_instances(encoding, cells, labels, initial, texts)
+        refined = self._refine_with_instances(cells, labels, initial, follow)
         return tracked if refined is None else refined
 
     def _refine_with_instances(
-        self,
-        encoding: VolumeEncoding,
-        cells: np.ndarray,
-        labels: np.ndarray,
-        initial: PromptResult | None,
-        texts: Callable[[], list[str]],
+        self, cells: np.ndarray, labels: np.ndarray, initial: PromptResult | None, follow: FollowedPrompt
     ) -> PromptResult | None:
-        """Clicks choose among the detector's instances (:mod:`scripts.click_selection`): those of the text prompt,
-        or without one, of the prompt whose instance holds the foreground clicks. None (the tracker answers) when
-        there is no text prompt and no prompt's instance holds them.
+        """Clicks choose among the detector's instances (:mod:`scripts.click_selection`) of the prompt ``follow``
+        names: the text prompt, or without one, the prompt whose instance holds the foreground clicks. None (the
+        tracker answers) when there is no text prompt and no prompt's instance holds them.
 
-        Without a text prompt the foreground clicks name the structure, then build the result from nothing
+        Without a text prompt the foreground clicks build the result from nothing
         (:func:`scripts.click_selection.build_from_clicks`)."""
         predictor = self.predictor
+        followed = follow(cells, labels)
+        if followed is None:
+            logger.info("No detector instance holds the clicks: the tracker answers them")
+            return None
+        text, encoding = followed
         refine = refine_with_instances
         if initial is None:
-            foreground = labels == 1
-            lookup = functools.partial(predictor.text_candidates, encoding)
-            text = structure_under_clicks(
-                texts(), lookup, cells[foreground], labels[foreground], predictor.batch_size, self.click_min_score
-            )
-            if text is None:
-                logger.info("No detector instance holds the clicks: the tracker answers them")
-                return None
             logger.info("Clicks without a text prompt follow the instances of %r", text)
             initial, refine = PromptResult(*predictor.empty_result(encoding)), build_from_clicks
-        else:
-            (text,) = texts()
 
         def candidates(index: int) -> tuple[torch.Tensor, torch.Tensor]:  # not kept: 66 MB per slice at base
             masks, scores = predictor.text_candidates(encoding, [text], index)
@@ -222,11 +218,65 @@ class VolumeSegmenter:
         refined = refine(initial.logits, initial.scores, candidates, cells, labels, min_score=self.click_min_score)
         return PromptResult(*refined)
 
-    def _unnamed(self, image: ImageVolume, modality: str) -> list[str]:
-        """The vocabulary's prompts answered on the intensity preset of clicks without a text prompt."""
-        preset = preset_for(image, self.vocabulary, None, modality)
-        entries = [self.vocabulary.resolve(name) for name in self.vocabulary.names]
-        return [e.prompts[0] for e in entries if preset_for(image, self.vocabulary, e, modality) == preset]
+    def _name_under_clicks(
+        self,
+        image: ImageVolume,
+        view: SliceView,
+        modality: str,
+        memo: dict,
+        cells: np.ndarray,
+        labels: np.ndarray,
+    ) -> tuple[str, VolumeEncoding] | None:
+        """The vocabulary prompt whose instance holds the foreground clicks on the first one's slice, and the
+        encoding of its intensity preset.
+
+        Each label is asked in its own preset (the bone window for the vertebrae, the vessel window for the aorta),
+        on the one batch of slices holding that slice; only the chosen label's preset encodes the whole volume."""
+        foreground = labels == 1
+        index = int(cells[foreground][0, 0])
+        groups: dict[str, tuple[dict, list[str]]] = {}
+        for name in self.vocabulary.names:
+            entry = self.vocabulary.resolve(name)
+            preset = preset_for(image, self.vocabulary, entry, modality)
+            groups.setdefault(repr(sorted(preset.items())), (preset, []))[1].append(entry.prompts[0])
+        at_index = {key: self._slice_encoding(image, view, preset, index, memo) for key, (preset, _) in groups.items()}
+        group_of = {prompt: key for key, (_, prompts) in groups.items() for prompt in prompts}
+
+        def lookup(prompts: Sequence[str], _: int) -> tuple[torch.Tensor, torch.Tensor]:
+            answers = {}
+            for key in dict.fromkeys(group_of[p] for p in prompts):
+                members = [p for p in prompts if group_of[p] == key]
+                encoding, local = at_index[key]
+                masks, scores = self.predictor.text_candidates(encoding, members, local)
+                answers.update({p: (m, s) for p, m, s in zip(members, masks, scores, strict=True)})
+            return torch.stack([answers[p][0] for p in prompts]), torch.stack([answers[p][1] for p in prompts])
+
+        text = structure_under_clicks(
+            list(group_of),
+            lookup,
+            cells[foreground],
+            labels[foreground],
+            self.predictor.batch_size,
+            self.click_min_score,
+        )
+        if text is None:
+            return None
+        return text, self._encoding(image, view, groups[group_of[text]][0], memo)
+
+    def _slice_encoding(
+        self, image: ImageVolume, view: SliceView, preset: dict, index: int, memo: dict
+    ) -> tuple[VolumeEncoding, int]:
+        """Slice ``index`` of ``preset``'s encoding and its index there: the whole volume's encoding when there is
+        one, else that of the one batch of slices holding ``index``, which gives the slice the same features (3D
+        adapters see the slices of one batch)."""
+        key = _encoding_key(image, view, preset)
+        whole = memo.get(key) or (self.cache.get(key) if self.cache is not None else None)
+        if whole is not None:
+            return whole, index
+        start = index - index % self.predictor.batch_size
+        with self.predictor.timer.stage("preprocess"):
+            slices = self._slices(image, view, preset)[start : start + self.predictor.batch_size]
+        return self.predictor.encode(slices), index - start
 
     def _modality(self, image: ImageVolume) -> str:
         if self.modality != "auto":
@@ -265,6 +315,10 @@ class VolumeSegmenter:
             "score": round(result.score, 4),
             "source": source,
         }
+
+
+def _encoding_key(image: ImageVolume, view: SliceView, preset: dict) -> tuple:
+    return image_key(image.path, view.plane, repr(sorted(preset.items())), image.array.shape)
 
 
 def _as_3d(coords: np.ndarray, is_2d: bool, pairs: bool = False) -> np.ndarray:
