@@ -16,6 +16,7 @@ from fastapi import HTTPException
 from lib.activelearning.uncertainty import Uncertainty, UncertaintyScoring
 from lib.datastore import SafeSessions, open_datastore, open_sessions
 from lib.dicomweb import PacsDatastore
+from lib.dicomweb_proxy import install_dicomweb_proxy
 from lib.errors import install_error_handlers
 from lib.infers.auto_segmentation import AutoSegmentation
 from lib.infers.interactive import InteractiveSegmentation
@@ -112,6 +113,8 @@ class Medsam3App(MONAILabelApp):
         install_error_handlers()
         install_request_guards(self.settings)
         install_security(self.settings, self.datastore())
+        if isinstance(self.datastore(), PacsDatastore):
+            install_dicomweb_proxy(self.studies, self.datastore().session.auth, self.settings.dicomweb_timeout)
         self.service.load()
         warm_up_io()
         super().on_init_complete()

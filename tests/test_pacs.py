@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,26 @@ def test_every_image_series_is_listed_and_new_ones_appear(chain: Chain) -> None:
     while _total(chain.url) != 3 and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _total(chain.url) == 3  # seen within the cache time (1 s here), not after two hours
+
+
+def test_ohif_reads_the_pacs_through_the_proxy_with_the_apps_credentials(chain: Chain) -> None:
+    """OHIF's ``/proxy/dicom``: QIDO with its query, WADO metadata, the PACS's content type; the PACS wants a password
+    the viewer never sends, and a viewer's own credentials never reach it."""
+    ct = _series_uid(chain.folders["ct"])
+    studies = requests.get(
+        f"{chain.url}/proxy/dicom/qido/series",
+        params={"SeriesInstanceUID": ct, "includefield": "0020000D"},
+        headers={"Accept": "application/dicom+json", "Authorization": "Basic bm9ib2R5Om5vdGhpbmc="},
+        timeout=60,
+    )
+    assert studies.status_code == 200 and studies.headers["content-type"].startswith("application/dicom+json")
+    (found,) = studies.json()  # the query reached the PACS: one series, not all of them
+    assert found["0020000E"]["Value"] == [ct]
+    study = found["0020000D"]["Value"][0]
+    metadata = requests.get(f"{chain.url}/proxy/dicom/wado/studies/{study}/series/{ct}/metadata", timeout=60)
+    assert metadata.status_code == 200 and len(metadata.json()) == len(list(chain.folders["ct"].iterdir()))
+    missing = requests.get(f"{chain.url}/proxy/dicom/qido/studies/1.2.3/series", timeout=60)
+    assert missing.status_code in (200, 204, 404)  # the PACS's own answer, passed on
 
 
 def _pacs_settings(chain: Chain, tmp_path: Path, monkeypatch, **conf: str) -> AppSettings:
@@ -325,6 +346,8 @@ def test_a_pacs_that_does_not_answer_is_a_502(tmp_path: Path) -> None:
         info = requests.get(f"{url}/info/", timeout=60)  # Slicer's connect: lists the datastore too
         for answer in (stats, infer, info):
             assert answer.status_code == 502 and "The PACS did not answer" in answer.json()["detail"], answer.text
+        proxied = requests.get(f"{url}/proxy/dicom/qido/studies", timeout=60)  # OHIF's study list
+        assert proxied.status_code == 502 and "could not be reached" in proxied.json()["detail"], proxied.text
         assert requests.get(f"{url}/docs", timeout=10).status_code == 200  # still serving
 
 
@@ -346,3 +369,11 @@ def test_a_pacs_that_hangs_is_a_502_after_the_timeout(tmp_path: Path) -> None:
             infer = requests.post(f"{url}/infer/medsam3_auto?image=1.2.3", data={"params": "{}"}, timeout=60)
             assert infer.status_code == 502, infer.text
             assert requests.get(f"{url}/docs", timeout=10).status_code == 200  # still serving
+            # OHIF's proxy: a 504 after the timeout, and the server answers other requests while it waits
+            with ThreadPoolExecutor(1) as pool:
+                proxied = pool.submit(requests.get, f"{url}/proxy/dicom/qido/studies", timeout=30)
+                time.sleep(0.2)
+                assert requests.get(f"{url}/docs", timeout=5).status_code == 200
+                assert not proxied.done()  # answered while the proxied request still waited for the PACS
+                answer = proxied.result()
+            assert answer.status_code == 504 and "within 1 s" in answer.json()["detail"], answer.text

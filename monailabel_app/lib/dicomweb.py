@@ -80,9 +80,10 @@ class PacsDatastore(DICOMWebDatastore):
         self._labelled: tuple[float, list[str]] = (float("-inf"), [])
         self._lock = threading.Lock()
         self._fetching: dict[str, _Fetching] = {}  # one per series being fetched
+        self.session = _session(settings)  # OHIF's proxy uses its credentials too (lib/dicomweb_proxy.py)
         client = DICOMwebClientX(
             url=url,
-            session=_session(settings),
+            session=self.session,
             qido_url_prefix=monailabel_settings.MONAI_LABEL_QIDO_PREFIX,
             wado_url_prefix=monailabel_settings.MONAI_LABEL_WADO_PREFIX,
             stow_url_prefix=monailabel_settings.MONAI_LABEL_STOW_PREFIX,
@@ -266,7 +267,7 @@ class _PacsSession(requests.Session):
 
 def _session(settings: AppSettings) -> _PacsSession:
     """An HTTP session with the PACS timeout and credentials; the credentials also go to MONAI Label's settings,
-    where its proxy for OHIF reads them (that proxy is upstream code, without the timeout)."""
+    where its other DICOMweb code reads them."""
     session = _PacsSession(settings.dicomweb_timeout)
     user = settings.dicomweb_user or monailabel_settings.MONAI_LABEL_DICOMWEB_USERNAME
     password = monailabel_settings.MONAI_LABEL_DICOMWEB_PASSWORD
