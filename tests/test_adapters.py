@@ -23,6 +23,7 @@ from scripts.adapters import (
     load_adaptation,
 )
 from scripts.checkpoint import load_checkpoint, read_state_dict, save_checkpoint
+from scripts.encoding_cache import EncodingCache
 from scripts.image_io import read_image
 from scripts.inference import VolumeSegmenter
 from scripts.network import MedSam3
@@ -230,6 +231,9 @@ def test_one_batch_encoded_alone_gives_its_slices_the_whole_volumes_features(tmp
         torch.testing.assert_close(alone.trunk[local], whole.trunk[index], rtol=0, atol=1e-5)
     shifted = segmenter.predictor.encode(segmenter._slices(image, view, preset)[1:6])  # another batch: other features
     assert not torch.allclose(shifted.trunk[4], whole.trunk[5], atol=1e-4)
+    server = VolumeSegmenter(segmenter.predictor, load_vocabulary(), cache=EncodingCache(2**26))
+    first, _ = server._slice_encoding(image, view, preset, 5, {})
+    assert server._slice_encoding(image, view, preset, 6, {})[0] is first  # the session's next click: from the cache
 
 
 def test_bad_input_is_refused() -> None:

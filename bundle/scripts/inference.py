@@ -268,15 +268,21 @@ class VolumeSegmenter:
     ) -> tuple[VolumeEncoding, int]:
         """Slice ``index`` of ``preset``'s encoding and its index there: the whole volume's encoding when there is
         one, else that of the one batch of slices holding ``index``, which gives the slice the same features (3D
-        adapters see the slices of one batch)."""
+        adapters see the slices of one batch). The server's cache keeps the batch for the session's next clicks."""
         key = _encoding_key(image, view, preset)
         whole = memo.get(key) or (self.cache.get(key) if self.cache is not None else None)
         if whole is not None:
             return whole, index
         start = index - index % self.predictor.batch_size
-        with self.predictor.timer.stage("preprocess"):
-            slices = self._slices(image, view, preset)[start : start + self.predictor.batch_size]
-        return self.predictor.encode(slices), index - start
+        batch_key = (*key, "slices", start, self.predictor.batch_size)
+        batch = self.cache.get(batch_key) if self.cache is not None else None
+        if batch is None:
+            with self.predictor.timer.stage("preprocess"):
+                slices = self._slices(image, view, preset)[start : start + self.predictor.batch_size]
+            batch = self.predictor.encode(slices)
+            if self.cache is not None:
+                self.cache.put(batch_key, batch)
+        return batch, index - start
 
     def _modality(self, image: ImageVolume) -> str:
         if self.modality != "auto":
