@@ -49,7 +49,7 @@ def test_settings_are_typed_and_checked(tmp_path) -> None:
         AppSettings.from_conf({"modelsize": "tiny"})
     with pytest.raises(ValueError, match=r"Unknown --conf options \['image'\]"):
         AppSettings.from_conf({"image": "/etc/passwd"})  # a request's field, not a serving option
-    with pytest.raises(ValueError, match="--conf model_size must be one of \\['base', 'tiny'\\], got 'huge'"):
+    with pytest.raises(ValueError, match="--conf model_size must be one of \\['base', 'small', 'tiny'\\], got 'huge'"):
         ModelService(AppSettings.from_conf({"model_size": "huge"}), PublishedWeights(tmp_path))
     missing = ModelService(AppSettings.from_conf({"checkpoint": "/x.pt"}), PublishedWeights(tmp_path))
     assert "weights not found at /x.pt" in missing.status

@@ -139,9 +139,10 @@ def test_tiny_is_deterministic_per_seed() -> None:
     assert all(torch.isfinite(v).all() for v in a.values() if v.is_floating_point())  # nothing left torch.empty
 
 
-def test_tiny_forward_shapes() -> None:
-    model = tiny_model()
-    size = MODEL_SIZES["tiny"]
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_cpu_sizes_forward_shapes(name: str) -> None:
+    model = build_medsam3(name, device="cpu")
+    size = MODEL_SIZES[name]
     with torch.inference_mode(), device_fallbacks(torch.device("cpu")):
         out = model(torch.zeros(2, 3, size.image_size, size.image_size), ["liver", "spleen", "aorta"])
     assert out["pred_logits"].shape == (6, size.num_queries, 1)  # (prompt, image) pairs x queries
@@ -149,7 +150,7 @@ def test_tiny_forward_shapes() -> None:
 
 
 def test_unknown_size() -> None:
-    with pytest.raises(ValueError, match=r"Unknown model_size 'large'; choose one of \['base', 'tiny'\]"):
+    with pytest.raises(ValueError, match=r"Unknown model_size 'large'; choose one of \['base', 'small', 'tiny'\]"):
         build_medsam3("large")
 
 

@@ -319,7 +319,18 @@ def build_medsam3_tiny(
     return _build(_sized(MODEL_SIZES["tiny"], image_size), device, seed)
 
 
-BUILDERS: dict[str, Callable[..., MedSam3]] = {"base": build_medsam3_base, "tiny": build_medsam3_tiny}
+def build_medsam3_small(
+    device: str | torch.device | None = None, seed: int | None = 0, image_size: int | None = None
+) -> MedSam3:
+    """Twice ``tiny``'s widths and more layers: a demo model that trains on a CPU and holds more than ``tiny``."""
+    return _build(_sized(MODEL_SIZES["small"], image_size), device, seed)
+
+
+BUILDERS: dict[str, Callable[..., MedSam3]] = {
+    "base": build_medsam3_base,
+    "small": build_medsam3_small,
+    "tiny": build_medsam3_tiny,
+}
 
 
 def build_medsam3(
