@@ -348,6 +348,8 @@ def test_a_pacs_that_does_not_answer_is_a_502(tmp_path: Path) -> None:
             assert answer.status_code == 502 and "The PACS did not answer" in answer.json()["detail"], answer.text
         proxied = requests.get(f"{url}/proxy/dicom/qido/studies", timeout=60)  # OHIF's study list
         assert proxied.status_code == 502 and "could not be reached" in proxied.json()["detail"], proxied.text
+        climbing = requests.get(f"{url}/proxy/dicom/qido/..%2F..%2Ftools%2Fnow", timeout=60)  # Orthanc's REST API
+        assert climbing.status_code == 400 and "leaves the PACS's DICOMweb root" in climbing.json()["detail"]
         assert requests.get(f"{url}/docs", timeout=10).status_code == 200  # still serving
 
 

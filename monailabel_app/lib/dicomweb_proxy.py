@@ -38,7 +38,12 @@ def _prefix(operation: str) -> str | None:
 
 def pacs_path(path: str) -> str:
     """The PACS path of a proxy path: ``qido/studies`` -> ``studies`` (or ``<QIDO prefix>/studies``); a path
-    without an operation passes as it is. Metadata asked through QIDO is a WADO request (some OHIF versions)."""
+    without an operation passes as it is. Metadata asked through QIDO is a WADO request (some OHIF versions).
+
+    ``ValueError`` (400) for a path that would climb out of the DICOMweb root (``..``): with the server's PACS
+    account behind it, that would reach the PACS's other APIs (Orthanc's REST API and its administration)."""
+    if any(part in (".", "..") for part in path.replace("\\", "/").split("/")):
+        raise ValueError(f"The DICOMweb proxy path {path!r} leaves the PACS's DICOMweb root: refused")
     operation, _, rest = path.partition("/")
     if operation not in ("qido", "wado", "stow"):
         return path
