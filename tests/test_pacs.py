@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO / "monailabel_app"))
 from lib import safe_paths  # noqa: E402
 from lib.auto_labels import AutoLabels  # noqa: E402
 from lib.dicomweb import PacsDatastore  # noqa: E402
+from lib.dicomweb_proxy import install_dicomweb_proxy  # noqa: E402
 from lib.settings import AppSettings  # noqa: E402
 
 from scripts.dicom_seg import read_seg
@@ -109,6 +110,17 @@ def test_ohif_reads_the_pacs_through_the_proxy_with_the_apps_credentials(chain: 
     assert metadata.status_code == 200 and len(metadata.json()) == len(list(chain.folders["ct"].iterdir()))
     missing = requests.get(f"{chain.url}/proxy/dicom/qido/studies/1.2.3/series", timeout=60)
     assert missing.status_code in (200, 204, 404)  # the PACS's own answer, passed on
+
+
+def test_installing_the_proxy_again_replaces_it() -> None:
+    """MONAI Label's ``/reload`` runs the app's start-up again: the proxy's route must not pile up."""
+    from monailabel.app import app as server
+
+    before = len(server.router.routes)
+    for timeout in (5.0, 7.0):
+        install_dicomweb_proxy("http://127.0.0.1:1/dicom-web", None, timeout)
+    ours = [r for r in server.router.routes if getattr(r, "name", None) == "medsam3_dicomweb_proxy"]
+    assert len(ours) == 1 and server.router.routes[0] is ours[0] and len(server.router.routes) == before + 1
 
 
 def _pacs_settings(chain: Chain, tmp_path: Path, monkeypatch, **conf: str) -> AppSettings:

@@ -146,13 +146,19 @@ class VolumeSegmenter:
     # ------------------------------------------------------------------------------------------------ helpers
     def _encoding(self, image: ImageVolume, view: SliceView, preset: dict, memo: dict) -> VolumeEncoding:
         """Encode once per (image, plane, preset): in this call (``memo``) and across calls (``cache``)."""
-        key = _encoding_key(image, view, preset)
+        return self._encoded(_encoding_key(image, view, preset), memo, image, view, preset, slice(None))
+
+    def _encoded(
+        self, key: tuple, memo: dict, image: ImageVolume, view: SliceView, preset: dict, slices: slice
+    ) -> VolumeEncoding:
+        """The encoding of ``slices`` of the image under ``key``: from this call's ``memo``, the server's cache, or
+        encoded now (and kept in both)."""
         if key not in memo:
             cached = self.cache.get(key) if self.cache is not None else None
             if cached is None:
                 with self.predictor.timer.stage("preprocess"):
-                    slices = self._slices(image, view, preset)
-                cached = self.predictor.encode(slices)
+                    pixels = self._slices(image, view, preset)[slices]
+                cached = self.predictor.encode(pixels)
                 if self.cache is not None:
                     self.cache.put(key, cached)
             memo[key] = cached
@@ -273,15 +279,8 @@ class VolumeSegmenter:
         whole = memo.get(key) or (self.cache.get(key) if self.cache is not None else None)
         if whole is not None:
             return whole, index
-        start = index - index % self.predictor.batch_size
-        batch_key = (*key, "slices", start, self.predictor.batch_size)
-        batch = self.cache.get(batch_key) if self.cache is not None else None
-        if batch is None:
-            with self.predictor.timer.stage("preprocess"):
-                slices = self._slices(image, view, preset)[start : start + self.predictor.batch_size]
-            batch = self.predictor.encode(slices)
-            if self.cache is not None:
-                self.cache.put(batch_key, batch)
+        start, size = index - index % self.predictor.batch_size, self.predictor.batch_size
+        batch = self._encoded((*key, "slices", start, size), memo, image, view, preset, slice(start, start + size))
         return batch, index - start
 
     def _modality(self, image: ImageVolume) -> str:

@@ -58,14 +58,17 @@ def install_dicomweb_proxy(studies: str, auth: tuple[str, str] | None, timeout: 
     matching route answers, so MONAI Label's are never reached)."""
     from monailabel.app import app as server
 
-    server.router.routes[0:0] = _router(studies.rstrip("/"), auth, timeout).routes
+    ours = _router(studies.rstrip("/"), auth, timeout).routes
+    names = {route.name for route in ours}
+    kept = [r for r in server.router.routes if getattr(r, "name", None) not in names]  # a reload replaces ours
+    server.router.routes[:] = ours + kept
     logger.info("OHIF reaches the PACS through %s (timeout %g s)", PROXY_PATH, timeout)
 
 
 def _router(studies: str, auth: tuple[str, str] | None, timeout: float) -> APIRouter:
     router = APIRouter(prefix=PROXY_PATH, include_in_schema=False)
 
-    @router.api_route("/{path:path}", methods=["GET", "POST"])
+    @router.api_route("/{path:path}", methods=["GET", "POST"], name="medsam3_dicomweb_proxy")
     async def proxy(request: Request, path: str) -> StreamingResponse:
         url = f"{studies}/{pacs_path(path)}"
         headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED_REQUEST_HEADERS}
