@@ -46,7 +46,11 @@ if [ -e .venv ] && [ ! -L .venv ]; then
 fi
 ln -sfn "$env_dir" .venv
 # The bundle's code is the package `scripts` (as MONAI bundles name it): make it importable from anywhere, so
-# `python -m monai.bundle run --config_file bundle/configs/...` works from the repository root.
+# `python -m monai.bundle run --config_file bundle/configs/...` works from the repository root. Checkouts share the
+# environment, so the path is not fixed: run as <checkout>/.venv/bin/python, sys.prefix is that checkout's .venv
+# and its own bundle is imported; the checkout set up last serves an activated shell (sys.prefix the shared one).
 site=$("$env_dir/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-echo "$(pwd)/bundle" > "$site/medsam3_bundle.pth"
+own="os.path.join(os.path.dirname(sys.prefix), 'bundle')"
+printf '%s\n' "import os, sys; sys.path.append($own if os.path.isdir(os.path.join($own, 'scripts')) else '$(pwd)/bundle')" \
+  > "$site/medsam3_bundle.pth"
 echo "Environment ready ($env_dir): source .venv/bin/activate"

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import bundle_run
+from helpers import REPO, bundle_run
 
 from scripts.metrics import dice
 from scripts.phantom import write_phantom
@@ -150,3 +153,23 @@ def test_bad_requests_fail_with_a_message(data: Path, tmp_path: Path, args: list
     result = bundle_run(*base, *args)  # later flags override the defaults above
     assert result.returncode != 0
     assert re.search(message, result.stderr), result.stderr[-2000:]
+
+
+def test_each_checkout_sharing_the_environment_imports_its_own_bundle(tmp_path: Path) -> None:
+    """setup.sh shares one environment per requirements hash between checkouts: a second checkout's
+    ``.venv/bin/python`` must import that checkout's ``scripts``, not those of whichever checkout ran set-up last."""
+    environment = Path(sys.prefix).resolve()
+    other = tmp_path / "other_checkout"
+    (other / "bundle" / "scripts").mkdir(parents=True)
+    (other / "bundle" / "scripts" / "__init__.py").write_text("")
+    (other / ".venv").symlink_to(environment)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+    def imported_from(python: Path) -> Path:
+        command = [python, "-c", "import scripts; print(scripts.__file__)"]
+        found = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp_path)
+        assert found.returncode == 0, found.stderr
+        return Path(found.stdout.strip()).parent
+
+    assert imported_from(other / ".venv" / "bin" / "python") == other / "bundle" / "scripts"
+    assert imported_from(Path(sys.prefix) / "bin" / "python") == REPO / "bundle" / "scripts"
