@@ -10,14 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sam3.model.text_encoder_ve
 import torch
+import torch.utils.checkpoint
 from helpers import model_outputs, tiny_model
 
 from scripts.checkpoint import TRACKER_PREFIXES, CheckpointError, load_network
+from scripts.cpu_compat import device_fallbacks, keep_activations
 from scripts.label_numbering import dataset_labels
 from scripts.losses import TextPromptLoss
 from scripts.phantom import write_phantom
-from scripts.training import param_groups, prepare_network
+from scripts.training import PromptStep, param_groups, prepare_network
 from scripts.training_data import SlicePromptDataset, label_prompts
 from scripts.vocabulary import load_vocabulary
 
@@ -480,7 +483,6 @@ def test_clicks_train_on_every_annotated_structure(annotated: list[float], click
     from types import SimpleNamespace
 
     from scripts.click_training import ClickSimulation
-    from scripts.training import PromptStep
 
     model = tiny_model()
     size = model.image_size
@@ -502,3 +504,44 @@ def test_clicks_train_on_every_annotated_structure(annotated: list[float], click
     simulation = ClickSimulation(rounds=1, box_probability=0.0, text_probability=0.0, second_prompt_probability=0.0)
     PromptStep(["liver", "vertebrae"], clicks=simulation, amp=False)(engine, batch)
     assert outputs["click_rounds"][0]["pairs"].tolist() == clicked_pairs
+
+
+def test_keeping_activations_gives_the_same_gradients_without_recomputing(monkeypatch) -> None:
+    """``activation_checkpointing: false`` (the demo recipe): no sam3 block goes through torch's checkpoint, and
+    the gradients are those of the checkpointed step (dropout included: same seed, same masks)."""
+    calls = []
+    original = torch.utils.checkpoint.checkpoint
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counted)
+    monkeypatch.setattr(sam3.model.text_encoder_ve, "checkpoint", counted)
+    size = tiny_model().image_size
+    slices = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+    def gradients(keep: bool) -> tuple[int, dict[str, torch.Tensor]]:
+        model = tiny_model().train()
+        calls.clear()
+        torch.manual_seed(1)
+        with device_fallbacks(torch.device("cpu")), keep_activations(keep):
+            outputs = model(slices, ["liver", "spleen"])
+        loss = outputs["pred_masks"].sigmoid().mean() + outputs["pred_logits"].sigmoid().mean()
+        loss.backward()
+        return len(calls), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    checkpointed_calls, checkpointed = gradients(keep=False)
+    kept_calls, kept = gradients(keep=True)
+    assert checkpointed_calls > 0 and kept_calls == 0
+    assert kept.keys() == checkpointed.keys() and len(kept) > 100
+    for name, grad in kept.items():
+        torch.testing.assert_close(grad, checkpointed[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert sam3.model.text_encoder_ve.checkpoint is counted  # the references are put back
+
+
+def test_activation_checkpointing_flag_from_the_command_line() -> None:
+    assert PromptStep(["liver"], activation_checkpointing="false").activation_checkpointing is False
+    assert PromptStep(["liver"]).activation_checkpointing is True
+    with pytest.raises(ValueError, match="activation_checkpointing must be true or false"):
+        PromptStep(["liver"], activation_checkpointing="sometimes")
