@@ -211,8 +211,10 @@ OUTSIDE_HEADERS = [
 INSIDE_HEADERS = [
     ("x.nhdr", "NRRD0004\ndata file: x.raw\n"),
     ("x.nhdr", "NRRD0004\ndata file: LIST\na.raw\nlabels/b.raw\n"),
+]
+ATTACHED_DATA = [  # what follows the header is data, never read as a path: these are refused as no images instead
     ("x.mha", "NDims = 3\nElementDataFile = LOCAL\n\x00\x01/etc/hostname"),
-    ("x.nrrd", "NRRD0004\nencoding: raw\n\n\x00data file: /etc/hostname\n"),  # after the header: data
+    ("x.nrrd", "NRRD0004\nencoding: raw\n\n\x00data file: /etc/hostname\n"),
 ]
 
 
@@ -234,6 +236,38 @@ def test_headers_with_data_inside_are_accepted(folder, tmp_path, name, header) -
     assert store.add_image("x", _upload(tmp_path, header, name), {}) == "x"
     uri = store.get_image_uri("x")
     assert uri == os.path.realpath(folder / name) and readable_image(uri, store, None)
+
+
+@pytest.mark.parametrize(("name", "header"), ATTACHED_DATA)
+def test_data_after_a_header_is_not_read_as_a_path(folder, tmp_path, name, header) -> None:
+    with pytest.raises(ValueError, match="Image not added: Cannot read image the uploaded file") as refused:
+        _open(folder).add_image("x", _upload(tmp_path, header, name), {})
+    assert not isinstance(refused.value, UnsafePath)
+
+
+BAD_IMAGES = {
+    "not a NIfTI file": (b"image", "Cannot read image the uploaded file"),
+    "cut short": (IMAGE[:-40], "Cannot read image the uploaded file"),
+    "only a header": (_nifti(compress=False)[:352], "Cannot read image the uploaded file"),
+    "over the voxel limit": (
+        _nifti((80, 60, 40)),
+        "the uploaded file claims 192,000 voxels (80 x 60 x 40), more than the limit of 100,000",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_IMAGES)
+def test_images_that_cannot_be_read_are_refused_at_upload(folder, tmp_path, case) -> None:
+    """An upload is read before it joins the datastore: the uploader hears why now, instead of an annotator or a
+    training run meeting a broken image later; the datastore is left as it was."""
+    store = SafeLocalDatastore(str(folder), extensions=EXTENSIONS, auto_reload=False, max_voxels=100_000)
+    before = sorted(path.name for path in folder.rglob("*"))
+    data, message = BAD_IMAGES[case]
+    with pytest.raises(ValueError, match=re.escape(message)) as refused:
+        store.add_image("new", _upload(tmp_path, data, "new.nii.gz"), {})
+    assert str(refused.value).startswith("Image not added:") and str(tmp_path) not in str(refused.value)
+    assert store.get_image_uri("new") == "" and sorted(path.name for path in folder.rglob("*")) == before
+    assert store.add_image("new", _upload(tmp_path, IMAGE, "new.nii.gz"), {}) == "new"
 
 
 def test_infer_reads_only_datastore_session_and_uploaded_images(folder, tmp_path) -> None:
@@ -391,6 +425,14 @@ def test_paths_outside_the_studies_folder_get_400(server, case) -> None:
     response = HTTP_CASES[case](server)
     assert response.status_code == 400 and re.search("must not|reserved|not accepted|refused", response.text)
     assert str(server.root) not in response.text and "/etc" not in response.text
+
+
+def test_an_image_cut_short_is_refused_at_upload(server) -> None:
+    response = _put_image(server.url, "cut", "cut.nii.gz", IMAGE[:-40])
+    assert response.status_code == 400 and "Image not added: Cannot read image the uploaded file" in response.text
+    assert requests.get(f"{server.url}/datastore/image", params={"image": "cut"}, timeout=30).status_code == 404
+    assert not list(server.studies.glob("cut*")) and not _temp_files(server.studies)
+    assert _put_image(server.url, "whole", "whole.nii.gz", IMAGE).status_code == 200
 
 
 @pytest.mark.slow

@@ -4,8 +4,9 @@ Every image, label and ``datastore_v2.json`` write is atomic (:func:`lib.safe_pa
 also written to a backup copy: a missing, empty or corrupt JSON is restored from it at start-up, else rebuilt from
 the files as MONAI Label does for a new folder, so the server always starts. Image ids and label tags are single
 names; files are written only below the studies folder (never into the app or bundle folders) and only with the
-datastore's extensions; NRRD and MetaImage headers must keep their data in the studies folder. A submitted label is
-read before it is saved and refused (400) unless it is a label map on its image's voxel grid.
+datastore's extensions; NRRD and MetaImage headers must keep their data in the studies folder. An uploaded image is
+read before it is added and refused (400) when it cannot be (cut short, not an image, over the voxel limit); a
+submitted label is read before it is saved and refused (400) unless it is a label map on its image's voxel grid.
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ from monailabel.utils.sessions import Sessions
 from scripts.image_io import ImageVolume, check_label_volume, read_image
 
 from .safe_paths import (
+    HEADER_SUFFIXES,
     UnsafePath,
     atomic_copy,
     atomic_write_text,
     check_archive,
     check_header,
     check_name,
+    header_data_files,
     inside,
     remove_stale_temp_files,
 )
@@ -134,6 +137,7 @@ class SafeLocalDatastore(LocalDatastore):
         folder = self._datastore.image_path()
         dest = self._destination(folder, name)
         check_header(image_filename, folder, [self.root])
+        check_image_file(image_filename, self.max_voxels)
         logger.info("Adding image %s", image_id)
         register_image(self, image_id, image_filename, dest, ext, image_info)
         return image_id
@@ -212,6 +216,22 @@ def write_datastore_file(store: LocalDatastore, lock: bool = True, backup: str =
         if backup:
             atomic_write_text(backup, text)
         store._config_ts = os.stat(store._datastore_config_path).st_mtime
+
+
+def check_image_file(image_path: str, max_voxels: int | None) -> None:
+    """Refuse (``ValueError``: 400) an uploaded image that cannot be read, before annotators and training meet it.
+
+    A detached header's data files are already in the studies folder, not beside the upload; such a header is
+    checked for where its data is (:func:`lib.safe_paths.check_header`) and read when it is used.
+    """
+    if image_path.lower().endswith(HEADER_SUFFIXES) and header_data_files(image_path):
+        return
+    try:
+        read_image(image_path, max_voxels=max_voxels)
+    except ValueError as error:  # server paths and temporary names mean nothing to the client
+        reason = str(error).replace(image_path, "the uploaded file")
+        reason = reason.replace(os.path.basename(image_path), "the uploaded file")
+        raise ValueError(f"Image not added: {reason}") from None
 
 
 def check_label_file(label_path: str, image_path: str, max_voxels: int | None) -> ImageVolume:
