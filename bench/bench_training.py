@@ -41,7 +41,7 @@ class _Engine:
 
 def run_mode(mode: str, args: argparse.Namespace, items: list[dict], device: torch.device) -> dict:
     model = build_medsam3(args.model_size, device=device)
-    configure_adaptation(model, mode, heads=args.train_heads)
+    configure_adaptation(model, mode, heads=bool(args.train_heads))
     # as train.json: the tracker's clips when it trains, else single slices (3 for the 3D adapters)
     clip = args.tracking_clip if args.click_rounds > 0 else (3 if mode == "adapter3d" else 1)
     vocabulary = load_vocabulary()
@@ -52,7 +52,9 @@ def run_mode(mode: str, args: argparse.Namespace, items: list[dict], device: tor
     loader = DataLoader(dataset, batch_size=args.batch_size)
     engine = _Engine(model, torch.optim.AdamW(param_groups(model)))
     clicks = ClickSimulation(rounds=args.click_rounds) if args.click_rounds > 0 else None
-    step = PromptStep(label_prompts(LABELS, vocabulary), clicks=clicks)
+    step = PromptStep(
+        label_prompts(LABELS, vocabulary), clicks=clicks, activation_checkpointing=bool(args.activation_checkpointing)
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     batches = iter(loader)
@@ -91,6 +93,9 @@ def main() -> None:
     parser.add_argument(
         "--train_heads", type=int, default=1, help="adapter modes also train the heads (1, as train.json)"
     )
+    parser.add_argument(
+        "--activation_checkpointing", type=int, default=1, help="recompute activations in backward (1, as train.json)"
+    )
     parser.add_argument("--modes", nargs="+", default=["full", "lora", "adapter3d"])
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
@@ -109,6 +114,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "click_rounds": args.click_rounds,
         "train_heads": bool(args.train_heads),
+        "activation_checkpointing": bool(args.activation_checkpointing),
         "modes": modes,
         "peak_memory_kind": "GPU allocated" if device.type == "cuda" else "process max RSS (cumulative over modes)",
     }
