@@ -102,11 +102,8 @@ class PromptStep:
         valid = per_query(flags["valid"].to(device), images.shape[1])
         annotated = per_query(flags["annotated"].to(device), images.shape[1])
         click_targets = target * annotated[:, None, None]  # pairs the item does not annotate: empty, never clicked
-        with (
-            device_fallbacks(device),
-            precision(device, self.amp),
-            keep_activations(not self.activation_checkpointing),
-        ):
+        activations = keep_activations(not self.activation_checkpointing)
+        with device_fallbacks(device), precision(device, self.amp), activations:
             if clicks is None:
                 outputs = model(slices, prompts)  # through forward, so DDP synchronises gradients
             else:
