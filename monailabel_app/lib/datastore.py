@@ -33,14 +33,12 @@ from monailabel.utils.sessions import Sessions
 from scripts.image_io import ImageVolume, check_label_volume, read_image
 
 from .safe_paths import (
-    HEADER_SUFFIXES,
     UnsafePath,
     atomic_copy,
     atomic_write_text,
     check_archive,
     check_header,
     check_name,
-    header_data_files,
     inside,
     remove_stale_temp_files,
 )
@@ -136,8 +134,8 @@ class SafeLocalDatastore(LocalDatastore):
         name = self._file_name(image_id, ext, "image")
         folder = self._datastore.image_path()
         dest = self._destination(folder, name)
-        check_header(image_filename, folder, [self.root])
-        check_image_file(image_filename, self.max_voxels)
+        if not check_header(image_filename, folder, [self.root]):  # a detached header's data is read when used
+            check_image_file(image_filename, self.max_voxels)
         logger.info("Adding image %s", image_id)
         register_image(self, image_id, image_filename, dest, ext, image_info)
         return image_id
@@ -221,11 +219,8 @@ def write_datastore_file(store: LocalDatastore, lock: bool = True, backup: str =
 def check_image_file(image_path: str, max_voxels: int | None) -> None:
     """Refuse (``ValueError``: 400) an uploaded image that cannot be read, before annotators and training meet it.
 
-    A detached header's data files are already in the studies folder, not beside the upload; such a header is
-    checked for where its data is (:func:`lib.safe_paths.check_header`) and read when it is used.
+    Not for a detached header: its data files are in the studies folder, not beside the upload.
     """
-    if image_path.lower().endswith(HEADER_SUFFIXES) and header_data_files(image_path):
-        return
     try:
         read_image(image_path, max_voxels=max_voxels)
     except ValueError as error:  # server paths and temporary names mean nothing to the client

@@ -173,11 +173,11 @@ def header_data_files(path: str | Path) -> list[str]:
     return []
 
 
-def check_header(path: str | Path, folder: str | Path, roots: Sequence[str | Path]) -> None:
+def check_header(path: str | Path, folder: str | Path, roots: Sequence[str | Path]) -> list[str]:
     """Refuse a header whose data files, read relative to ``folder`` (where the header is or will be), fall
-    outside every one of ``roots``."""
+    outside every one of ``roots``; return those files (none for a file that holds its own data)."""
     if not str(path).lower().endswith(HEADER_SUFFIXES):
-        return
+        return []
     try:
         names = header_data_files(path)
     except OSError as error:
@@ -185,6 +185,7 @@ def check_header(path: str | Path, folder: str | Path, roots: Sequence[str | Pat
     for name in names:
         if _has_control(name) or not any(inside(os.path.join(folder, name), root) for root in roots):
             raise UnsafePath("The image header names a data file outside the studies folder; such files are refused")
+    return names
 
 
 def check_archive(path: str | Path) -> None:
