@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import itertools
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -129,6 +130,44 @@ def test_clicks_choosing_the_detectors_instances_in_2d_and_3d(segmenter, phantom
     assert "Clicks without a text prompt follow the instances of" in caplog.text
     with pytest.raises(ValueError, match="click_refinement must be one of auto, tracker, instances, got 'both'"):
         VolumeSegmenter(segmenter.predictor, segmenter.vocabulary, click_refinement="both")
+
+
+def test_a_click_session_names_its_structure_once(segmenter, phantoms, monkeypatch) -> None:
+    """Clicks alone ask every vocabulary prompt on the first foreground click's slice to name the structure. Slicer
+    sends all of a session's clicks with each request, so the later requests reuse that answer and ask the followed
+    prompt only, with the label map of a segmenter that asks again. A new foreground click on that slice, or an
+    edited image file, asks again."""
+    predictor, vocabulary = segmenter.predictor, segmenter.vocabulary
+    session, fresh = (VolumeSegmenter(predictor, vocabulary, click_refinement="instances") for _ in range(2))
+    asked: list[str] = []
+    text_candidates = predictor.text_candidates
+
+    def counting(encoding, prompts, index):  # noqa: ANN001, ANN202
+        asked.extend(prompts)
+        return text_candidates(encoding, prompts, index)
+
+    monkeypatch.setattr(predictor, "text_candidates", counting)
+    image = read_image(phantoms["LPS"][0])
+    first = PromptSet.create(points=[[12, 20, 6]], point_labels=[1])
+    session.segment(image, first)
+    everything = set(asked)
+    assert len(everything) > 50  # the whole vocabulary, canonical prompts
+    followed = {prompt for prompt in everything if asked.count(prompt) > 1}  # the lookup, then the refinement
+    for points, labels in (([[12, 20, 6], [5, 5, 3]], [1, 0]), ([[12, 20, 6], [5, 5, 3], [20, 12, 9]], [1, 0, 1])):
+        prompts = PromptSet.create(points=points, point_labels=labels)
+        asked.clear()
+        later = session.segment(image, prompts).label
+        assert set(asked) == followed
+        np.testing.assert_array_equal(later, fresh.segment(image, prompts).label)
+    asked.clear()
+    session.segment(image, PromptSet.create(points=[[12, 20, 6], [14, 18, 6]], point_labels=[1, 1]))
+    assert set(asked) == everything
+    asked.clear()
+    edited = Path(phantoms["LPS"][0])
+    stat = edited.stat()
+    os.utime(edited, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    session.segment(read_image(edited), first)
+    assert set(asked) == everything
 
 
 def test_auto_keeps_the_trackers_answer_only_where_it_follows_the_clicks(segmenter, phantoms, caplog) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 UNNAMED_OBJECT = ResolvedPrompt(name="object", index=None, prompts=(), known=False)  # clicks without a text prompt
 CLICK_REFINEMENTS = ("auto", "tracker", "instances")  # how clicks refine a text result (docs/clicks.md)
+NAMED_STRUCTURES_KEPT = 256  # clicks-alone look-ups remembered per segmenter: one per image and first clicked slice
 # (the clicks' low-resolution cells, their labels) -> the prompt the clicks follow and its encoding, or None
 FollowedPrompt = Callable[[np.ndarray, np.ndarray], "tuple[str, VolumeEncoding] | None"]
 
@@ -82,6 +85,11 @@ class VolumeSegmenter:
         self.plane = plane
         self.modality = modality
         self.cache = cache  # reuse encodings across calls (the MONAI Label server); None: per call only
+        # Which prompt clicks alone follow, per image and foreground clicks on the first one's slice: a session's
+        # later clicks name the same structure without asking the whole vocabulary again. The segmenter is
+        # rebuilt when the weights change, and the key holds the image file's modification time.
+        self._named: OrderedDict[tuple, str | None] = OrderedDict()
+        self._named_lock = threading.Lock()
 
     @property
     def click_min_score(self) -> float:
@@ -234,17 +242,42 @@ class VolumeSegmenter:
         labels: np.ndarray,
     ) -> tuple[str, VolumeEncoding] | None:
         """The vocabulary prompt whose instance holds the foreground clicks on the first one's slice, and the
-        encoding of its intensity preset.
-
-        Each label is asked in its own preset (the bone window for the vertebrae, the vessel window for the aorta),
-        on the one batch of slices holding that slice; only the chosen label's preset encodes the whole volume."""
+        encoding of its intensity preset; remembered for the later requests of the same click session."""
         foreground = labels == 1
         index = int(cells[foreground][0, 0])
-        groups: dict[str, tuple[dict, list[str]]] = {}
+        on_slice = tuple(tuple(int(v) for v in cell) for cell in cells[foreground] if cell[0] == index)
+        key = image_key(image.path, view.plane, modality, image.array.shape, on_slice)
+        presets = self._presets(image, modality)
+        with self._named_lock:
+            known = key in self._named
+            text = self._named.get(key)
+        if not known:
+            text = self._look_up_structure(image, view, presets, memo, cells[foreground], index)
+            with self._named_lock:
+                self._named[key] = text
+                while len(self._named) > NAMED_STRUCTURES_KEPT:
+                    self._named.popitem(last=False)
+        if text is None:
+            return None
+        return text, self._encoding(image, view, presets[text], memo)
+
+    def _presets(self, image: ImageVolume, modality: str) -> dict[str, dict]:
+        """Each vocabulary label's canonical prompt and the intensity preset it is asked in."""
+        presets = {}
         for name in self.vocabulary.names:
             entry = self.vocabulary.resolve(name)
-            preset = preset_for(image, self.vocabulary, entry, modality)
-            groups.setdefault(repr(sorted(preset.items())), (preset, []))[1].append(entry.prompts[0])
+            presets.setdefault(entry.prompts[0], preset_for(image, self.vocabulary, entry, modality))
+        return presets
+
+    def _look_up_structure(
+        self, image: ImageVolume, view: SliceView, presets: dict[str, dict], memo: dict, cells: np.ndarray, index: int
+    ) -> str | None:
+        """Ask every vocabulary prompt, each in its own preset (the bone window for the vertebrae, the vessel window
+        for the aorta), on the foreground clicks' slice ``index``; :func:`structure_under_clicks` picks the answer.
+        Only the batch of slices holding ``index`` is encoded per preset."""
+        groups: dict[str, tuple[dict, list[str]]] = {}
+        for prompt, preset in presets.items():
+            groups.setdefault(repr(sorted(preset.items())), (preset, []))[1].append(prompt)
         at_index = {key: self._slice_encoding(image, view, preset, index, memo) for key, (preset, _) in groups.items()}
         group_of = {prompt: key for key, (_, prompts) in groups.items() for prompt in prompts}
 
@@ -257,17 +290,9 @@ class VolumeSegmenter:
                 answers.update({p: (m, s) for p, m, s in zip(members, masks, scores, strict=True)})
             return torch.stack([answers[p][0] for p in prompts]), torch.stack([answers[p][1] for p in prompts])
 
-        text = structure_under_clicks(
-            list(group_of),
-            lookup,
-            cells[foreground],
-            labels[foreground],
-            self.predictor.batch_size,
-            self.click_min_score,
+        return structure_under_clicks(
+            list(group_of), lookup, cells, np.ones(len(cells), int), self.predictor.batch_size, self.click_min_score
         )
-        if text is None:
-            return None
-        return text, self._encoding(image, view, groups[group_of[text]][0], memo)
 
     def _slice_encoding(
         self, image: ImageVolume, view: SliceView, preset: dict, index: int, memo: dict
