@@ -44,11 +44,15 @@ def test_sam3_format_round_trip(tmp_path: Path, source) -> None:
     _assert_same(model_outputs(target), expected)
 
 
-@pytest.mark.parametrize("wrapped", [True, False])
-def test_medical_sam3_detector_only(tmp_path: Path, source, wrapped: bool) -> None:
+@pytest.mark.parametrize(("wrapped", "prefixed"), [(True, False), (False, False), (False, True)])
+def test_medical_sam3_detector_only(tmp_path: Path, source, wrapped: bool, prefixed: bool) -> None:
+    """Detector-only files: under ``model`` or bare, with the ``detector.`` prefix or without."""
     model, expected = source
-    detector = {k.removeprefix("detector."): v for k, v in model.state_dict().items() if k.startswith("detector.")}
-    detector = {k: v for k, v in detector.items() if "sam2_convs" not in k}  # Medical SAM3 ships no tracker neck
+    detector = {
+        k if prefixed else k.removeprefix("detector."): v
+        for k, v in model.state_dict().items()
+        if k.startswith("detector.") and "sam2_convs" not in k  # Medical SAM3 ships no tracker neck
+    }
     path = tmp_path / "checkpoint.pt"
     torch.save({"model": detector} if wrapped else detector, path)
     target = tiny_model(seed=0)
