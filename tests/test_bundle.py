@@ -135,22 +135,54 @@ def test_batch_folder_and_evaluation(data: Path, tmp_path: Path) -> None:
     assert {"dice_1_clicks", "dice_3_clicks", "dice_5_clicks"} <= set(summary["liver"])
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--prompts", "[]"], "No prompts given"),
-        (["--prompts", "[{'a': 1}]"], "Text prompts must be strings"),
-        (["--prompts", "['liver']", "--points", "[[99, 0, 0]]"], r"Point \[99, 0, 0\] is outside the image"),
-        (
-            ["--prompts", "['liver']", "--ckpt_path", "/nowhere/model.pt"],
-            "Model weights not found at '/nowhere/model.pt'",
-        ),
-        (["--prompts", "['liver']", "--model_size", "huge"], "Unknown model_size 'huge'"),
-    ],
-)
-def test_bad_requests_fail_with_a_message(data: Path, tmp_path: Path, args: list[str], message: str) -> None:
-    base = ["--image", str(data / "images" / "case0.nii.gz"), "--output_dir", str(tmp_path), *TINY]
-    result = bundle_run(*base, *args)  # later flags override the defaults above
+BAD_REQUESTS = [
+    (["--prompts", "[]"], "No prompts given"),
+    (["--prompts", "[{'a': 1}]"], "Text prompts must be strings"),
+    (["--prompts", "['liver']", "--points", "[[99, 0, 0]]"], r"Point \[99, 0, 0\] is outside the image"),
+    (["--prompts", "['liver']", "--ckpt_path", "/nowhere/model.pt"], "Model weights not found at '/nowhere/model.pt'"),
+    (["--prompts", "['liver']", "--model_size", "huge"], "Unknown model_size 'huge'"),
+]
+# Runs the command line's own entry (fire over monai.bundle's ``run``) on each request in one process, so the suite
+# pays MONAI's start-up once; on stderr each request's output lies between "=== request i" and "=== failed" (or
+# "=== succeeded").
+_RUN_EACH = """
+import sys, traceback, fire
+from monai.bundle.scripts import run
+for i, argv in enumerate(eval(sys.argv[1])):
+    print(f"=== request {i}", file=sys.stderr)
+    try:
+        fire.Fire({"run": run}, command=["run", *argv])
+        outcome = "succeeded"
+    except BaseException:
+        traceback.print_exc()
+        outcome = "failed"
+    print(f"=== {outcome}", file=sys.stderr, flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def bad_request_errors(data: Path, tmp_path_factory) -> list[str]:
+    """stderr of each of :data:`BAD_REQUESTS` run through the command line's entry."""
+    base = ["--config_file", str(REPO / "bundle" / "configs" / "inference.json"), "--image"]
+    base += [str(data / "images" / "case0.nii.gz"), "--output_dir", str(tmp_path_factory.mktemp("bad")), *TINY]
+    requests = [[*base, *args] for args, _ in BAD_REQUESTS]  # later flags override the defaults
+    env = {**os.environ, "PYTHONPATH": str(REPO / "bundle")}
+    command = [sys.executable, "-c", _RUN_EACH, repr(requests)]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    return re.split(r"=== request \d+\n", done.stderr)[1:]
+
+
+@pytest.mark.parametrize(("index", "message"), [(i, message) for i, (_, message) in enumerate(BAD_REQUESTS)])
+def test_bad_requests_fail_with_a_message(bad_request_errors: list[str], index: int, message: str) -> None:
+    assert len(bad_request_errors) == len(BAD_REQUESTS), bad_request_errors
+    error = bad_request_errors[index]
+    assert "=== failed" in error and "=== succeeded" not in error and re.search(message, error), error[-2000:]
+
+
+def test_a_bad_request_exits_non_zero_with_its_message(data: Path, tmp_path: Path) -> None:
+    """The command line itself, once: a failed request is a non-zero exit with the message on stderr."""
+    args, message = BAD_REQUESTS[0]
+    result = bundle_run("--image", str(data / "images" / "case0.nii.gz"), "--output_dir", str(tmp_path), *TINY, *args)
     assert result.returncode != 0
     assert re.search(message, result.stderr), result.stderr[-2000:]
 
