@@ -90,8 +90,9 @@ class Medsam3App(MONAILabelApp):
     def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
         """An unknown strategy is the client's mistake: 404 with the ones there are (MONAI Label says 500)."""
         strategy = request.get("strategy") or "random"
-        if strategy not in self._strategies:
-            raise HTTPException(404, f"No active learning strategy {strategy!r}; there are {sorted(self._strategies)}")
+        if not isinstance(strategy, str) or strategy not in self._strategies:
+            known = sorted(self._strategies)
+            raise HTTPException(404, f"No active learning strategy {strategy!r:.80}; there are {known}")
         return super().next_sample(request)
 
     def init_strategies(self) -> dict[str, Strategy]:

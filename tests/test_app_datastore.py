@@ -128,6 +128,30 @@ def test_without_backup_the_datastore_is_rebuilt_from_the_files(folder, tmp_path
     assert "rebuilt from the images and labels" in caplog.text and (folder / "datastore_v2.json.corrupt").exists()
 
 
+BAD_INFO = {"NaN": '{"label_info": [{"name": "liver"}], "score": NaN}', "lone surrogate": '{"note": "\\ud800"}'}
+
+
+@pytest.mark.parametrize("case", [*BAD_INFO, "not an object"])
+def test_info_the_datastore_could_not_write_back_is_refused(folder, tmp_path, case) -> None:
+    """Python's JSON reader takes NaN and lone surrogates; stored, they made the datastore file unreadable at the
+    next start, and every label's info was lost. Nothing is written when they are refused."""
+    store = _open(folder)
+    store.save_label("ct", _upload(tmp_path, _nifti(seed=1)), "final", {"user": "ann"})
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    info = json.loads(BAD_INFO[case]) if case in BAD_INFO else [1]
+    attempts = {
+        "save_label": lambda: store.save_label("ct", _upload(tmp_path, _nifti(seed=2)), "final", info),
+        "update_label_info": lambda: store.update_label_info("ct", "final", info),
+        "update_image_info": lambda: store.update_image_info("ct", info),
+        "add_image": lambda: store.add_image("new", _upload(tmp_path, IMAGE, "new.nii.gz"), info),
+    }
+    for name, attempt in attempts.items():
+        with pytest.raises(ValueError, match="params must be"):
+            attempt()
+        assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before, name
+    assert _open(folder).get_label_info("ct", "final")["user"] == "ann"
+
+
 def _outside(tmp_path: Path) -> dict[str, bytes]:
     return {str(p): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "studies" not in p.parts}
 

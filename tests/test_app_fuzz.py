@@ -4,6 +4,7 @@ behind work (a real server on 127.0.0.1, the tiny model)."""
 from __future__ import annotations
 
 import collections
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -67,6 +68,40 @@ def test_generated_hostile_requests_get_no_5xx(server) -> None:
     while left() and time.monotonic() < deadline:  # accepted uploads go once their answer is sent
         time.sleep(0.2)
     assert not left(), f"{len(left())} refused uploads left their temporary copies behind: {left()[:5]}"
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_params_the_datastore_could_not_keep_get_400_and_change_nothing(server) -> None:
+    """Label params must be a JSON object the datastore can write back as strict JSON: stored, NaN or a lone
+    surrogate made its file unreadable at the next start (and every label's info was lost); a list replaced the
+    label file and then failed with 500. ``save_label`` is a yes/no flag: "false" saved the result all the same.
+    A strategy is a name."""
+    url, studies = server
+    before = _files(studies)
+
+    def infer(params: dict) -> requests.Response:
+        return requests.post(f"{url}/infer/medsam3_auto?image=ct_ras", data={"params": _json(params)}, timeout=60)
+
+    for params in ('{"note": "\\ud800"}', '{"score": NaN}', "[1]"):
+        label = {"label": ("label.nii.gz", b"label")}
+        response = requests.put(
+            f"{url}/datastore/label", params={"image": "ct_ras"}, data={"params": params}, files=label, timeout=60
+        )
+        assert response.status_code == 400 and "Label not saved: its params must be" in response.text, response.text
+    for params, message in (
+        ({"save_label": "maybe"}, "save_label must be true or false"),
+        ({"save_label": True, "result_extension": ".dcm"}, "save_label keeps the result in the datastore"),
+        ({"result_compress": "perhaps"}, "result_compress must be true or false"),
+    ):
+        response = infer(params)
+        assert response.status_code == 400 and message in response.text, response.text[:300]
+    assert infer({"save_label": "false"}).status_code == 200 and _files(studies) == before  # nothing saved
+    response = requests.post(f"{url}/activelearning/random", json={"strategy": ["x"]}, timeout=60)
+    assert response.status_code == 404 and "No active learning strategy ['x']" in response.text
+    assert infer({"save_label": "yes"}).status_code == 200 and set(_files(studies)) > set(before)  # what saving does
 
 
 def temp_files(temp: Path) -> list[str]:
@@ -171,6 +206,28 @@ def test_info_and_datastore_answer_while_inference_runs(server, big_image) -> No
     # Reads sent after the inference began were answered well before it ended (before, they waited for it).
     during = {path for path, sent, answered in timed if sent > started + 0.3 and answered < finished - 0.3}
     assert set(reads) <= during, (finished - started, timed[:12])
+
+
+def test_slow_uploads_do_not_stall_downloads(server) -> None:
+    """A working request holds its thread while its client sends the body: 40 clients trickling their uploads used
+    to take every thread of the pool that file downloads share, and downloads hung until they left."""
+    url, _ = server
+    host, port = url.removeprefix("http://").split(":")
+    head = (
+        b"PUT /datastore/label?image=ct_ras HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+        b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b"
+    )
+    slow = []
+    try:
+        for _ in range(41):
+            slow.append(socket.create_connection((host, int(port))))
+            slow[-1].sendall(head)
+        time.sleep(1.0)
+        response = requests.get(f"{url}/datastore/image", params={"image": "ct_ras"}, timeout=15)
+        assert response.status_code == 200 and len(response.content) > 1000
+    finally:
+        for connection in slow:
+            connection.close()
 
 
 def test_a_request_whose_client_left_stops(server, big_image) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -17,12 +18,13 @@ from scripts.phantom import write_phantom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "monailabel_app"))
 
+from lib import model_service  # noqa: E402
 from lib.auto_labels import AutoLabels  # noqa: E402
 from lib.dicom_source import dicom_tags  # noqa: E402
 from lib.infers.auto_segmentation import AutoSegmentation  # noqa: E402
 from lib.infers.interactive import InteractiveSegmentation, roi_mask  # noqa: E402
 from lib.infers.vista3d_prompts import Vista3dPrompts  # noqa: E402
-from lib.model_service import ModelService, write_result  # noqa: E402
+from lib.model_service import ModelService, results_folder, write_result  # noqa: E402
 from lib.published_weights import PublishedWeights  # noqa: E402
 from lib.settings import AppSettings  # noqa: E402
 
@@ -150,6 +152,26 @@ def test_seg_results_need_a_dicom_series(tmp_path) -> None:
     with pytest.raises(ValueError, match="Nothing was segmented"):
         write_result(np.zeros(volume.shape, np.uint8), read_image(folder), ".dcm", None, True, (folder, []))
     assert not list((Path(tempfile.gettempdir()) / "medsam3_results").glob("*.dcm"))  # no leftovers
+
+
+def test_results_wait_in_a_folder_no_other_account_can_write(tmp_path, monkeypatch) -> None:
+    """``medsam3_results`` in the temp folder when this account owns it and no one else may write there; a folder
+    another account made (it would refuse our files, or swap them before they are sent) gives a private one."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model_service._private_results_folder.cache_clear()
+    shared = tmp_path / "medsam3_results"
+    assert results_folder() == shared and stat.S_IMODE(shared.stat().st_mode) == 0o700
+    shared.chmod(0o777)
+    private = results_folder()
+    assert private.parent == tmp_path and private != shared and stat.S_IMODE(private.stat().st_mode) == 0o700
+    shared.rmdir()
+    (tmp_path / "elsewhere").mkdir()
+    shared.symlink_to(tmp_path / "elsewhere")
+    assert results_folder() == private
+    volume = read_image(write_phantom(tmp_path, "ct", shape=(4, 4, 2))[0])
+    path = write_result(np.zeros((4, 4, 2), np.uint8), volume, ".nii.gz", None, True)
+    assert Path(path).parent == private and not list((tmp_path / "elsewhere").iterdir())
+    model_service._private_results_folder.cache_clear()
 
 
 def test_roi_mask() -> None:

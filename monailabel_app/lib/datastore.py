@@ -7,6 +7,8 @@ names; files are written only below the studies folder (never into the app or bu
 datastore's extensions; NRRD and MetaImage headers must keep their data in the studies folder. An uploaded image is
 read before it is added and refused (400) when it cannot be (cut short, not an image, over the voxel limit); a
 submitted label is read before it is saved and refused (400) unless it is a label map on its image's voxel grid.
+The info a client sends with an image or label must be a JSON object that the datastore can write back as strict
+JSON (:func:`checked_info`), or nothing is written.
 """
 
 from __future__ import annotations
@@ -134,6 +136,7 @@ class SafeLocalDatastore(LocalDatastore):
         name = self._file_name(image_id, ext, "image")
         folder = self._datastore.image_path()
         dest = self._destination(folder, name)
+        image_info = checked_info(image_info, "Image not added")
         if not check_header(image_filename, folder, [self.root]):  # a detached header's data is read when used
             check_image_file(image_filename, self.max_voxels)
         logger.info("Adding image %s", image_id)
@@ -143,6 +146,7 @@ class SafeLocalDatastore(LocalDatastore):
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         check_name(image_id, "image id")
         label_tag = check_name(label_tag, "label tag")
+        label_info = checked_info(label_info, "Label not saved")
         obj = self._datastore.objects.get(image_id)
         if not obj:
             raise ImageNotFoundException(f"Image {image_id} not found")
@@ -156,10 +160,17 @@ class SafeLocalDatastore(LocalDatastore):
         with FileLock(self._lock_file):
             os.makedirs(folder, exist_ok=True)
             atomic_copy(label_filename, dest)
-            info = {**(label_info or {}), "ts": int(time.time()), "name": name}
+            info = {**label_info, "ts": int(time.time()), "name": name}
             obj.labels[label_tag] = DataModel(info=info, ext=ext)
             self._update_datastore_file(lock=False)
         return image_id
+
+    def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
+        super().update_image_info(check_name(image_id, "image id"), checked_info(info, "Image info not updated"))
+
+    def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
+        label_id, label_tag = check_name(label_id, "image id"), check_name(label_tag, "label tag")
+        super().update_label_info(label_id, label_tag, checked_info(info, "Label info not updated"))
 
     def remove_image(self, image_id: str) -> None:
         super().remove_image(check_name(image_id, "image id"))
@@ -214,6 +225,21 @@ def write_datastore_file(store: LocalDatastore, lock: bool = True, backup: str =
         if backup:
             atomic_write_text(backup, text)
         store._config_ts = os.stat(store._datastore_config_path).st_mtime
+
+
+def checked_info(info: Any, what: str) -> dict[str, Any]:
+    """A client's image or label info as the datastore may keep it: a JSON object (``{}`` for none) that writes back
+    as strict JSON. Python's JSON reader takes ``NaN`` and lone surrogates (``"\\ud800"``), which the datastore file
+    cannot hold: stored, they would make the file unreadable at the next start and lose every label's info."""
+    if info is None:
+        return {}
+    if not isinstance(info, dict):
+        raise ValueError(f"{what}: its params must be a JSON object, got {type(info).__name__}")
+    try:
+        json.dumps(info, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except (TypeError, ValueError) as error:  # UnicodeEncodeError is a ValueError
+        raise ValueError(f"{what}: its params must be strict JSON (no NaN or Infinity, valid text): {error}") from None
+    return info
 
 
 def check_image_file(image_path: str, max_voxels: int | None) -> None:

@@ -42,7 +42,7 @@ from scripts.dicom_series import NOT_IMAGES
 from scripts.image_io import ImageVolume, read_image, write_image
 from scripts.vocabulary import Vocabulary
 
-from .datastore import check_label_file, register_image, write_datastore_file
+from .datastore import check_label_file, checked_info, register_image, write_datastore_file
 from .label_info import names_by_value
 from .safe_paths import TEMP_PREFIX, check_name, remove_stale_temp_files
 from .settings import AppSettings, names
@@ -216,6 +216,7 @@ class PacsDatastore(DICOMWebDatastore):
     ) -> str:
         """A final label also goes to the PACS as a SEG named and coded from ``label_info`` or the app's labels."""
         check_name(label_tag, "label_tag")  # a folder name in the cache
+        label_info = checked_info(label_info, "Label not saved")
         image_uri = self.get_image_uri(image_id)
         converted = ""
         if "".join(Path(label_filename).suffixes) == ".bin":  # OHIF's raw uint8 upload

@@ -11,8 +11,10 @@ and the encoding cache is cleared because encodings depend on the weights.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import stat
 import tempfile
 import threading
 import time
@@ -266,11 +268,7 @@ def write_result(
     series, segments = seg
     if extension == ".dcm" and series is None:
         raise ValueError("result_extension .dcm (DICOM SEG) needs an image from a DICOM series: a PACS or a folder")
-    # A folder of our own: a client on the same machine saves its copy under the same name in the temp folder,
-    # and the server deletes its file once sent.
-    folder = Path(tempfile.gettempdir()) / "medsam3_results"
-    folder.mkdir(exist_ok=True)
-    with tempfile.NamedTemporaryFile(suffix=extension, dir=folder, delete=False) as handle:
+    with tempfile.NamedTemporaryFile(suffix=extension, dir=results_folder(), delete=False) as handle:
         path = handle.name
     try:
         if extension == ".dcm":
@@ -283,6 +281,31 @@ def write_result(
         os.unlink(path)
         raise
     return path
+
+
+def results_folder() -> Path:
+    """Where result files wait to be sent (the server deletes each once sent): a folder of our own, since a client
+    on the same machine saves its copy under the same name in the temp folder. ``medsam3_results`` there when this
+    account owns it and no one else may write in it; otherwise (another account's server made it first) a private
+    folder of this process."""
+    shared = Path(tempfile.gettempdir()) / "medsam3_results"
+    try:
+        shared.mkdir(mode=0o700, exist_ok=True)
+        found = shared.lstat()
+        if stat.S_ISDIR(found.st_mode) and found.st_uid == os.getuid() and not found.st_mode & 0o022:
+            return shared
+    except OSError as error:
+        logger.debug("Cannot use %s: %s", shared, error)
+    private = _private_results_folder()
+    private.mkdir(mode=0o700, exist_ok=True)  # again, should a temp-folder clean-up have removed it
+    return private
+
+
+@functools.cache
+def _private_results_folder() -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="medsam3_results_"))
+    logger.warning("The temp folder's medsam3_results belongs to another account: results wait in %s", folder)
+    return folder
 
 
 def warm_up_io() -> None:

@@ -35,6 +35,9 @@ T = TypeVar("T")
 
 OFFLOADED_METHODS = {"POST", "PUT", "DELETE"}
 DISCONNECT_POLL_S = 0.5
+# Working requests run in a pool of their own: a request holds its thread while its client sends the body and while
+# it waits for the model, and in anyio's shared pool (40 threads) enough of them would stall file downloads too.
+REQUEST_THREADS = 64
 
 
 class ThreadPerRequest:
@@ -42,6 +45,7 @@ class ThreadPerRequest:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self._threads: anyio.CapacityLimiter | None = None  # made on the server's loop, at the first request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in OFFLOADED_METHODS:
@@ -76,8 +80,10 @@ class ThreadPerRequest:
             with cancellable(gone):
                 asyncio.run(self.app(scope, thread_receive, thread_send))
 
+        if self._threads is None:
+            self._threads = anyio.CapacityLimiter(REQUEST_THREADS)
         try:
-            await anyio.to_thread.run_sync(run)
+            await anyio.to_thread.run_sync(run, limiter=self._threads)
         finally:
             watcher.cancel()
         if gone.is_set() and not body_read.is_set():

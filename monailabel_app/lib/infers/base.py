@@ -17,7 +17,7 @@ from scripts.cancellation import Cancelled
 from scripts.dicom_seg import segments_for
 from scripts.inference import SegmentationResult
 from scripts.label_numbering import renumber, to_client_values
-from scripts.prompts import PromptSet
+from scripts.prompts import PromptSet, parse_flag
 
 from ..auto_labels import AutoLabels
 from ..datastore import readable_image
@@ -89,15 +89,12 @@ class Medsam3InferTask(InferTask):
         app = app_instance()  # only a datastore, session or uploaded image: never any file the server can read
         if not readable_image(image, app.datastore(), app.sessions()):
             raise HTTPException(status_code=404, detail="Image not found in the datastore (check the image id)")
-        if request.get("save_label"):  # refused before the model runs, not after
-            check_name(request.get("label_tag", DefaultLabelTag.ORIGINAL.value), "label_tag")
         try:
+            extension, compress = self._result_options(request)  # bad options refused before the model runs
             prompts = self.prompts(request)
             volume, result, summary = self.service.segment(image, prompts)
             label, label_names = self.output(result, request)
-            compress = str(request.get("result_compress", True)).lower() not in ("false", "0")
             write_start = time.perf_counter()
-            extension = request.get("result_extension") or ".nii.gz"
             # a DICOM SEG result needs the source series and the segments' codes; other formats need neither
             seg = (
                 (source_series(image), segments_for(label_names, self.service.vocabulary))
@@ -117,3 +114,19 @@ class Medsam3InferTask(InferTask):
         summary["timings"]["server_total"] = round(time.perf_counter() - start, 4)
         summary["label_names"] = label_names
         return path, summary
+
+    @staticmethod
+    def _result_options(request: dict[str, Any]) -> tuple[str, bool]:
+        """The result's extension and compression. ``save_label`` is normalised in place: MONAI Label saves the
+        result after the task returns, reading the same request, and would take any non-empty string ("false") as
+        yes, overwriting the image's label."""
+        request["save_label"] = parse_flag(request.get("save_label", False), "save_label")
+        extension = request.get("result_extension") or ".nii.gz"
+        if request["save_label"]:
+            check_name(request.get("label_tag", DefaultLabelTag.ORIGINAL.value), "label_tag")
+            if extension == ".dcm":
+                raise ValueError(
+                    "save_label keeps the result in the datastore, which stores labels as NIfTI or NRRD (a PACS gets "
+                    "its DICOM SEG from those): ask for result_extension .nii.gz or .nrrd"
+                )
+        return extension, parse_flag(request.get("result_compress", True), "result_compress")
