@@ -13,7 +13,8 @@ import pytest
 from helpers import tiny_model
 from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
 
-from scripts.image_io import read_image, write_label
+from scripts.encoding_cache import EncodingCache
+from scripts.image_io import ImageVolume, read_image, write_label
 from scripts.inference import VolumeSegmenter
 from scripts.orientation import SliceView
 from scripts.phantom import write_phantom
@@ -105,8 +106,14 @@ def test_clicks_boxes_and_text_on_a_volume(segmenter, phantoms) -> None:
     assert clicks.label.shape == volume.array.shape
     box = segmenter.segment(volume, PromptSet.create(boxes=[[5, 6, 3, 20, 25, 8]]))
     inside = np.zeros(volume.array.shape, dtype=bool)
-    inside[4:22, 5:27, 3:9] = True  # the box plus one voxel of border
-    assert not box.label[~inside].any()
+    inside[5:21, 6:26, 3:9] = True
+    assert box.label[inside].any() and not box.label[~inside].any()
+    refined = segmenter.segment(  # background clicks alone refine a box
+        volume, PromptSet.create(boxes=[[5, 6, 3, 20, 25, 8]], points=[[12, 15, 5]], point_labels=[0])
+    )
+    assert refined.label[12, 15, 5] == 0 and not refined.label[~inside].any()
+    with pytest.raises(ValueError, match="Two boxes reach slice"):
+        segmenter.segment(volume, PromptSet.create(boxes=[[5, 6, 3, 20, 25, 8], [1, 1, 8, 4, 4, 10]]))
     free = segmenter.segment(volume, PromptSet.create(texts=["liver", "a strange blob"]))
     assert (
         free.unknown_prompts == ["a strange blob"] and free.labels[1]["index"] == max(segmenter.vocabulary.by_index) + 1
@@ -168,6 +175,13 @@ def test_a_click_session_names_its_structure_once(segmenter, phantoms, monkeypat
     os.utime(edited, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     session.segment(read_image(edited), first)
     assert set(asked) == everything
+    server = VolumeSegmenter(predictor, vocabulary, cache=EncodingCache(2**30), click_refinement="instances")
+    for seed in (0, 1):  # images made in memory have no file to key them by: nothing is kept for them
+        made = ImageVolume.from_affine(np.random.default_rng(seed).normal(0, 300, SHAPE).astype(np.float32), np.eye(4))
+        asked.clear()
+        server.segment(made, first)
+        assert set(asked) == everything
+    assert len(server.cache) == 0
 
 
 def test_auto_keeps_the_trackers_answer_only_where_it_follows_the_clicks(segmenter, phantoms, caplog) -> None:
@@ -192,6 +206,16 @@ def test_auto_keeps_the_trackers_answer_only_where_it_follows_the_clicks(segment
         if seen == {True, False} and not np.array_equal(tracker, instances):
             return
     pytest.fail(f"the grid of clicks did not show both cases with differing answers (fell back: {seen})")
+
+
+def test_box_results_stay_inside_the_box_on_large_pictures(segmenter, tmp_path) -> None:
+    """On a 256 x 256 picture a low-resolution mask cell is 4 pixels: upsampled, a box's mask reached past its edge."""
+    picture = read_image(write_phantom(tmp_path, "big", fmt="png", shape=(256, 256, 1))[0])
+    box = [60, 70, 150, 171]
+    result = segmenter.segment(picture, PromptSet.create(boxes=[box])).label
+    inside = np.zeros(result.shape, dtype=bool)
+    inside[60:151, 70:172] = True
+    assert result[inside].any() and not result[~inside].any()
 
 
 def test_2d_pictures(segmenter, phantoms, tmp_path) -> None:

@@ -276,6 +276,10 @@ def test_memory_selection_is_upstreams_by_default(model) -> None:
     assert tiny_model().tracker.use_memory_selection is False
     assert Medsam3Predictor(tiny_model()).model.tracker.use_memory_selection is True
     assert Medsam3Predictor(tiny_model(), memory_selection=False).model.tracker.use_memory_selection is False
+    # ``monai.bundle run --memory_selection false`` passes the string: it was read as True
+    assert Medsam3Predictor(tiny_model(), memory_selection="false").model.tracker.use_memory_selection is False
+    with pytest.raises(ValueError, match="memory_selection must be true or false, got 'sometimes'"):
+        Medsam3Predictor(tiny_model(), memory_selection="sometimes")
     config = json.loads((Path(__file__).parents[1] / "bundle" / "configs" / "inference.json").read_text())
     assert config["memory_selection"] is True
 

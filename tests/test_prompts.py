@@ -44,6 +44,12 @@ def test_invalid_prompts(kwargs: dict, message: str) -> None:
         PromptSet.create(**kwargs)
 
 
+def test_background_clicks_refine_a_box_or_a_text_prompt() -> None:
+    for kwargs in ({"boxes": [[1, 1, 1, 5, 5, 5]]}, {"texts": ["liver"]}):
+        prompts = PromptSet.create(points=[[2, 2, 2]], point_labels=[0], **kwargs)
+        assert prompts.point_labels.tolist() == [0]
+
+
 def test_coordinates_checked_against_image() -> None:
     shape = (10, 20, 30)
     PromptSet.create(points=[[9, 19, 29]], boxes=[[0, 0, 0, 9, 19, 29]]).check_inside(shape)

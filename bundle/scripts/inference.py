@@ -116,7 +116,9 @@ class VolumeSegmenter:
         if len(prompts.points) or len(prompts.boxes):
             entry = resolved[0] if resolved else None
             encoding = encoding_for(entry)
-            initial = self.predictor.segment_text(encoding, entry.prompts[:1])[0] if entry else None
+            # the text result is what clicks refine; with a box the box's result is (the text names the label)
+            asks_text = entry is not None and not len(prompts.boxes)
+            initial = self.predictor.segment_text(encoding, entry.prompts[:1])[0] if asks_text else None
             follow = (
                 (lambda cells, labels: (entry.prompts[0], encoding))
                 if entry
@@ -132,6 +134,8 @@ class VolumeSegmenter:
             values = vocabulary_values(resolved, self.vocabulary)
             rows = [self._row(e, r, "text", value=v) for e, r, v in zip(resolved, results, values, strict=True)]
         label_view = self.predictor.label_map(encoding, results, [row["index"] for row in rows])
+        if len(prompts.boxes):  # masks upsampled from the low-resolution grid reach up to a cell past a box's edge
+            label_view[~view.to_view(_inside_boxes(prompts.boxes, view.source_shape))] = 0
         if len(prompts.points):  # a click states what its voxel is: foreground clicks in, background clicks out
             clicked = view.points_to_view(_as_3d(prompts.points, image.is_2d))
             label_view[tuple(clicked.T)] = np.where(prompts.point_labels == 1, rows[0]["index"], 0)
@@ -162,13 +166,14 @@ class VolumeSegmenter:
         """The encoding of ``slices`` of the image under ``key``: from this call's ``memo``, the server's cache, or
         encoded now (and kept in both)."""
         if key not in memo:
-            cached = self.cache.get(key) if self.cache is not None else None
+            cache = self._cache_for(image)
+            cached = cache.get(key) if cache is not None else None
             if cached is None:
                 with self.predictor.timer.stage("preprocess"):
                     pixels = self._slices(image, view, preset)[slices]
                 cached = self.predictor.encode(pixels)
-                if self.cache is not None:
-                    self.cache.put(key, cached)
+                if cache is not None:
+                    cache.put(key, cached)
             memo[key] = cached
         return memo[key]
 
@@ -186,6 +191,11 @@ class VolumeSegmenter:
             per_slice: dict[int, tuple[int, int, int, int]] = {}
             for d0, h0, w0, d1, h1, w1 in view.boxes_to_view(boxes):
                 for d in range(int(d0), int(d1) + 1):
+                    if d in per_slice:  # the tracker takes one box per slice; a second would silently replace it
+                        raise ValueError(
+                            f"Two boxes reach slice {d} of the {view.plane} view: give one box per slice (boxes "
+                            "segment one structure; send separate requests for separate structures)"
+                        )
                     per_slice[d] = (h0, w0, h1, w1)
             result = self.predictor.segment_boxes(encoding, per_slice)
             if not len(prompts.points):
@@ -248,15 +258,17 @@ class VolumeSegmenter:
         on_slice = tuple(tuple(int(v) for v in cell) for cell in cells[foreground] if cell[0] == index)
         key = image_key(image.path, view.plane, modality, image.array.shape, on_slice)
         presets = self._presets(image, modality)
+        kept = _on_disk(image)  # an image made in memory has no file to key it by: looked up every time
         with self._named_lock:
-            known = key in self._named
+            known = kept and key in self._named
             text = self._named.get(key)
         if not known:
             text = self._look_up_structure(image, view, presets, memo, cells[foreground], index)
-            with self._named_lock:
-                self._named[key] = text
-                while len(self._named) > NAMED_STRUCTURES_KEPT:
-                    self._named.popitem(last=False)
+            if kept:
+                with self._named_lock:
+                    self._named[key] = text
+                    while len(self._named) > NAMED_STRUCTURES_KEPT:
+                        self._named.popitem(last=False)
         if text is None:
             return None
         return text, self._encoding(image, view, presets[text], memo)
@@ -301,12 +313,18 @@ class VolumeSegmenter:
         one, else that of the one batch of slices holding ``index``, which gives the slice the same features (3D
         adapters see the slices of one batch). The server's cache keeps the batch for the session's next clicks."""
         key = _encoding_key(image, view, preset)
-        whole = memo.get(key) or (self.cache.get(key) if self.cache is not None else None)
+        cache = self._cache_for(image)
+        whole = memo.get(key) or (cache.get(key) if cache is not None else None)
         if whole is not None:
             return whole, index
         start, size = index - index % self.predictor.batch_size, self.predictor.batch_size
         batch = self._encoded((*key, "slices", start, size), memo, image, view, preset, slice(start, start + size))
         return batch, index - start
+
+    def _cache_for(self, image: ImageVolume) -> EncodingCache | None:
+        """The server's cache, for images read from a file or folder: their keys hold its path and modification
+        time. An image made in memory has neither, so two of them would share a key."""
+        return self.cache if _on_disk(image) else None
 
     def _modality(self, image: ImageVolume) -> str:
         if self.modality != "auto":
@@ -345,6 +363,20 @@ class VolumeSegmenter:
             "score": round(result.score, 4),
             "source": source,
         }
+
+
+def _inside_boxes(boxes: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The voxels (pixels) of the image as stored inside any of the inclusive ``boxes``."""
+    inside = np.zeros(shape, dtype=bool)
+    half = boxes.shape[1] // 2
+    for box in boxes:
+        low, high = np.minimum(box[:half], box[half:]), np.maximum(box[:half], box[half:])
+        inside[tuple(slice(int(a), int(b) + 1) for a, b in zip(low, high, strict=True))] = True
+    return inside
+
+
+def _on_disk(image: ImageVolume) -> bool:
+    return str(image.path) not in ("", ".") and image.path.exists()
 
 
 def _encoding_key(image: ImageVolume, view: SliceView, preset: dict) -> tuple:

@@ -33,6 +33,7 @@ from .presence_pass import (
     plan_chunks,
     smoothed_scores,
 )
+from .prompts import parse_flag
 from .timing import StageTimer
 from .volume_encoding import PromptResult, VolumeEncoding
 
@@ -77,7 +78,7 @@ class Medsam3Predictor:
         check_smoothing(score_smoothing)
         self.score_smoothing = score_smoothing  # which slices show a label: mean score over this many slices
         # As SAM 3's video predictor: only confident slices enter the tracker's memory (docs/clicks.md)
-        model.tracker.use_memory_selection = bool(memory_selection)
+        model.tracker.use_memory_selection = parse_flag(memory_selection, "memory_selection")
         self.progress = progress
         self.device = model.device
         self.amp = amp and self.device.type == "cuda"  # see precision()

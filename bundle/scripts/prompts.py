@@ -70,9 +70,9 @@ class PromptSet:
         prompt = cls(texts=texts, points=pts, point_labels=labels, boxes=bxs)
         if prompt.is_empty:
             raise ValueError("No prompts given: pass text prompts (label names or free text), points or boxes")
-        if len(pts) and not (labels == 1).any() and not texts:
+        if len(pts) and not (labels == 1).any() and not texts and not len(bxs):
             raise ValueError(
-                "Background clicks alone cannot define a structure: add a foreground click or a text prompt"
+                "Background clicks alone cannot define a structure: add a foreground click, a box or a text prompt"
             )
         if (len(pts) or len(bxs)) and len(texts) > 1:
             raise ValueError(
