@@ -135,6 +135,30 @@ def test_batch_folder_and_evaluation(data: Path, tmp_path: Path) -> None:
     assert {"dice_1_clicks", "dice_3_clicks", "dice_5_clicks"} <= set(summary["liver"])
 
 
+def test_a_folder_run_finds_every_image_read_image_reads(tmp_path: Path) -> None:
+    """MetaImage files and DICOM series whose files have no extension (as exports often name them) were skipped by
+    a folder run, though ``read_image`` reads both."""
+    import itk
+
+    from scripts.image_io import read_image
+    from scripts.runner import collect_images
+
+    images = tmp_path / "images"
+    nifti, _ = write_phantom(tmp_path / "scratch", "nifti", shape=(16, 16, 4))
+    series, _ = write_phantom(tmp_path / "scratch", "series", fmt="dicom", shape=(16, 16, 4))
+    images.mkdir()
+    nifti.rename(images / nifti.name)
+    (images / "series").mkdir()
+    for number, file in enumerate(sorted(series.iterdir())):
+        file.rename(images / "series" / f"IM{number:04d}")
+    itk.imwrite(itk.image_from_array(np.zeros((4, 16, 16), np.int16)), str(images / "meta.mha"))
+    (images / "notes.txt").write_text("not an image")
+    found = [Path(item["image"]).name for item in collect_images(str(images))]
+    assert found == ["meta.mha", "nifti.nii.gz", "series"]
+    assert collect_images(str(images / "series")) == [{"image": str(images / "series")}]
+    assert all(read_image(Path(item["image"])).array.size for item in collect_images(str(images)))
+
+
 BAD_REQUESTS = [
     (["--prompts", "[]"], "No prompts given"),
     (["--prompts", "[{'a': 1}]"], "Text prompts must be strings"),

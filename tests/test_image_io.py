@@ -7,6 +7,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import itk
 import nibabel as nib
 import numpy as np
 import pytest
@@ -95,6 +96,11 @@ def test_trailing_singleton_axes(tmp_path: Path) -> None:
     assert volume.array.shape == (4, 5, 6) and not volume.is_2d
     flat = read_image(_save(tmp_path, "flat.nii.gz", data[:, :, :1], np.eye(4)))
     assert flat.array.shape == (4, 5, 1) and not flat.is_2d  # one slice of a volume stays a volume
+    header = "NRRD0004\ntype: short\ndimension: 4\nsizes: 6 5 4 1\nencoding: raw\nendian: little\n\n"
+    (tmp_path / "t.nrrd").write_bytes(header.encode() + data.astype("<i2").tobytes())  # ITK-read, one 4D volume
+    nrrd = read_image(tmp_path / "t.nrrd")
+    assert nrrd.array.shape == (6, 5, 4) and nrrd.direction.shape == (3, 3) and len(nrrd.origin) == 3
+    np.testing.assert_array_equal(nrrd.array, data.transpose(2, 1, 0))
 
 
 def test_2d_nifti_is_rows_by_columns(tmp_path: Path) -> None:
@@ -262,6 +268,15 @@ def test_bad_shapes_and_paths(tmp_path: Path) -> None:
     (tmp_path / "empty_dicom").mkdir()
     with pytest.raises(ValueError, match="DICOM folder .*empty_dicom is empty"):
         read_image(tmp_path / "empty_dicom")
+    parallel = np.eye(4)
+    parallel[:3, 1] = [1, 0, 0]  # the second axis along the first
+    _save(tmp_path, "parallel.nii.gz", np.zeros((4, 4, 4), np.float32), parallel)
+    with pytest.raises(ValueError, match="parallel.nii.gz: the image's axes are not independent"):
+        read_image(tmp_path / "parallel.nii.gz")
+    rgb16 = itk.image_from_array(np.zeros((6, 5, 3), np.uint16), is_vector=True)
+    itk.imwrite(rgb16, str(tmp_path / "rgb16.mha"))
+    with pytest.raises(ValueError, match="3 values per voxel of type unsigned_short in 2D are not supported"):
+        read_image(tmp_path / "rgb16.mha")
     (tmp_path / "text_only").mkdir()
     (tmp_path / "text_only" / "readme.txt").write_text("no images here")
     with pytest.raises(ValueError, match="No DICOM series found in .*text_only"):

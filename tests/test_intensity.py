@@ -10,8 +10,12 @@ import pytest
 import torch
 from monai.transforms import ScaleIntensityRangePercentiles
 
+from scripts.image_io import ImageVolume
 from scripts.intensity import apply_preset, check_preset, guess_modality
+from scripts.orientation import SliceView
 from scripts.phantom import make_ct_phantom, make_mr_phantom
+from scripts.slices import DISPLAY_PRESET, prepare_slices, preset_for
+from scripts.vocabulary import load_vocabulary
 
 ABDOMEN = {"type": "ct_window", "center": 40, "width": 400}
 MR = {"type": "percentile", "lower": 0.5, "upper": 99.5, "nonzero": True}
@@ -132,3 +136,27 @@ def test_guess_modality() -> None:
 def test_guess_modality_needs_finite_values() -> None:
     with pytest.raises(ValueError, match="Cannot guess the modality of an image without finite values"):
         guess_modality(np.array([np.nan, np.inf]))
+
+
+def test_pictures_are_scaled_as_displayed(caplog: pytest.LogCaptureFixture) -> None:
+    """8-bit pictures over 0..255 (as always), 16-bit RGB over 0..65535, float RGB over its own range, NaN replaced:
+    before, everything was divided by 255, so a float picture in [0, 1] reached the model nearly black, and a NaN
+    reached the encoder."""
+    rgb = np.random.default_rng(0).random((6, 5, 3), dtype=np.float32)
+    rgb[0, 0, 0] = np.nan
+    cases = {
+        "8-bit": ImageVolume.from_picture(np.array([[0, 51], [255, 102]], np.uint8)),
+        "16-bit RGB": ImageVolume.from_picture(np.array([[[0, 65535, 13107]] * 2] * 2, np.uint16)),
+        "float RGB": ImageVolume.from_picture(rgb),
+    }
+    for name, picture in cases.items():
+        assert preset_for(picture, load_vocabulary(), None, "MR") == DISPLAY_PRESET, name
+        with caplog.at_level(logging.WARNING):
+            slices = prepare_slices(picture, SliceView.for_volume(picture), DISPLAY_PRESET)
+        assert slices.dtype == np.float32 and np.isfinite(slices).all() and slices.min() == 0 and slices.max() == 1
+    eight_bit = cases["8-bit"]
+    expected = np.array([[0, 51], [255, 102]], np.float32) / 255
+    np.testing.assert_array_equal(
+        prepare_slices(eight_bit, SliceView.for_volume(eight_bit), DISPLAY_PRESET)[0], expected
+    )
+    assert "Replacing 1 non-finite voxels" in caplog.text

@@ -280,6 +280,9 @@ def test_memory_selection_is_upstreams_by_default(model) -> None:
     assert Medsam3Predictor(tiny_model(), memory_selection="false").model.tracker.use_memory_selection is False
     with pytest.raises(ValueError, match="memory_selection must be true or false, got 'sometimes'"):
         Medsam3Predictor(tiny_model(), memory_selection="sometimes")
+    for empty in (0, -2):  # propagation would stop after the clicked slice
+        with pytest.raises(ValueError, match=f"max_empty_slices must be at least 1 .*got {empty}"):
+            Medsam3Predictor(tiny_model(), max_empty_slices=empty)
     config = json.loads((Path(__file__).parents[1] / "bundle" / "configs" / "inference.json").read_text())
     assert config["memory_selection"] is True
 

@@ -73,5 +73,7 @@ def test_command_line_lists() -> None:
     assert parse_list_argument(None, "points") is None and parse_list_argument("", "points") is None
     with pytest.raises(ValueError, match="--points is not a valid list"):
         parse_list_argument("[[1, 2", "points")
-    with pytest.raises(ValueError, match="--points must be a list, got int"):
-        parse_list_argument(3, "points")
+    assert parse_list_argument(3, "prompts") == [3]  # --prompts 3: the command line passes a bare number as is
+    assert PromptSet.create(texts=parse_list_argument(3, "prompts")).texts == ("3",)
+    with pytest.raises(ValueError, match="--points must be a list, got dict"):
+        parse_list_argument({"a": 1}, "points")

@@ -80,7 +80,9 @@ class ImageVolume:
         if not (spacing > 0).all():
             raise ValueError(f"{path}: the affine has a zero-length axis:\n{affine_ras}")
         origin = _RAS_FROM_LPS @ np.asarray(affine_ras, dtype=np.float64)[:3, 3]
-        return cls(array, tuple(spacing.tolist()), tuple(origin.tolist()), linear / spacing, Path(path))
+        return cls(
+            array, tuple(spacing.tolist()), tuple(origin.tolist()), _independent(linear / spacing, path), Path(path)
+        )
 
     @classmethod
     def from_picture(
@@ -216,6 +218,12 @@ def _read_itk(source: str | list[str], path: Path, max_voxels: int | None) -> Im
     pixel = _ITK_PIXEL_TYPES.get(io.GetComponentTypeAsString(io.GetComponentType()), "D")
     try:
         image = itk.imread(source, pixel_type=getattr(itk, pixel)) if components == 1 else itk.imread(source)
+    except itk.TemplateTypeError as error:  # its message is ITK's list of the types it does wrap
+        kind = io.GetComponentTypeAsString(io.GetComponentType())
+        raise ValueError(
+            f"Cannot read image {path}: {components} values per voxel of type {kind} in {len(dimensions)}D are not "
+            "supported; give a single-channel volume or an 8-bit RGB picture"
+        ) from error
     except (*_READ_ERRORS, TypeError) as error:
         raise _cannot_read(path, error) from error
     return _volume_from_itk(image, components, io.GetNameOfClass() == "GDCMImageIO", path)
@@ -233,9 +241,19 @@ def _volume_from_itk(image: itk.Image, components: int, is_dicom: bool, path: Pa
         return ImageVolume.from_picture(array[..., :3], (spacing[1], spacing[0]), path)
     if ndim == 2:
         return ImageVolume.from_picture(array, (spacing[1], spacing[0]), path)
-    direction = np.asarray(itk.array_from_matrix(image.GetDirection()), dtype=np.float64)
-    origin = tuple(float(o) for o in image.GetOrigin())
+    direction = np.asarray(itk.array_from_matrix(image.GetDirection()), dtype=np.float64)[:3, :3]
+    origin = tuple(float(o) for o in image.GetOrigin())[:3]
+    if ndim > 3:  # trailing singleton axes (a 4D file holding one volume): ITK's numpy order puts them first
+        array, spacing = array.reshape(array.shape[ndim - 3 :]), spacing[:3]
+    direction = _independent(direction, path)
     return ImageVolume(np.ascontiguousarray(array.transpose(2, 1, 0)), spacing, origin, direction, path)
+
+
+def _independent(direction: np.ndarray, path: str | Path) -> np.ndarray:
+    """``direction`` (unit axis columns), refused when two axes are parallel: no slice view exists for it."""
+    if not np.isfinite(direction).all() or abs(np.linalg.det(direction)) < 1e-3:
+        raise ValueError(f"{path}: the image's axes are not independent (direction matrix {direction.tolist()})")
+    return direction
 
 
 def _read_dicom_series(folder: Path, max_voxels: int | None) -> ImageVolume:

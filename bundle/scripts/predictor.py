@@ -69,6 +69,8 @@ class Medsam3Predictor:
         self.model = model.eval()
         self.batch_size = batch_size
         self.score_threshold = score_threshold
+        if max_empty_slices is not None and (isinstance(max_empty_slices, bool) or not int(max_empty_slices) >= 1):
+            raise ValueError(f"max_empty_slices must be at least 1 (or null: no limit), got {max_empty_slices!r}")
         self.max_empty_slices = max_empty_slices
         if not 0.5 <= propagation_confidence <= 1.0:
             raise ValueError(f"propagation_confidence must be in [0.5, 1], got {propagation_confidence}")

@@ -168,6 +168,8 @@ def parse_list_argument(value: object, name: str) -> list | None:
         except (ValueError, SyntaxError) as error:
             raise ValueError(f"--{name} is not a valid list: {value!r}") from error
         return list(parsed) if isinstance(parsed, (list, tuple)) else [parsed]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return [value]  # a single bare number, e.g. --prompts 3 (a label index), which the command line passes as is
     raise ValueError(f"--{name} must be a list, got {type(value).__name__}")
 
 

@@ -14,7 +14,16 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .image_io import ImageVolume, output_path_for, read_image, write_label
+from .image_io import (
+    DICOM_SUFFIX,
+    ITK_SUFFIXES,
+    NIFTI_SUFFIXES,
+    PICTURE_SUFFIXES,
+    ImageVolume,
+    output_path_for,
+    read_image,
+    write_label,
+)
 from .inference import SegmentationResult, VolumeSegmenter
 from .label_numbering import read_datalist
 from .prompts import PromptSet, parse_list_argument
@@ -23,7 +32,8 @@ __all__ = ["collect_images", "datalist_items", "run_inference"]
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".png", ".jpg", ".jpeg", ".dcm")
+IMAGE_SUFFIXES = (*NIFTI_SUFFIXES, *ITK_SUFFIXES, *PICTURE_SUFFIXES, DICOM_SUFFIX)  # what read_image reads
+DICOM_PREAMBLE = (128, b"DICM")  # where a DICOM file says what it is: exports often name files without .dcm
 
 
 def collect_images(image: str | None = None, datalist: str | None = None, key: str = "testing") -> list[dict[str, Any]]:
@@ -45,7 +55,19 @@ def collect_images(image: str | None = None, datalist: str | None = None, key: s
 
 
 def _is_dicom_folder(path: Path) -> bool:
-    return path.is_dir() and any(p.suffix.lower() == ".dcm" for p in path.iterdir())
+    return path.is_dir() and any(p.is_file() and _is_dicom_file(p) for p in path.iterdir())
+
+
+def _is_dicom_file(path: Path) -> bool:
+    if path.suffix.lower() == DICOM_SUFFIX:
+        return True
+    offset, magic = DICOM_PREAMBLE
+    try:
+        with path.open("rb") as handle:
+            handle.seek(offset)
+            return handle.read(len(magic)) == magic
+    except OSError:
+        return False
 
 
 def datalist_items(path: Path, key: str, required: bool = True) -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ from .vocabulary import ResolvedPrompt, Vocabulary
 
 __all__ = ["DISPLAY_PRESET", "prepare_slices", "preset_for"]
 
-DISPLAY_PRESET = {"type": "display"}  # 8-bit and RGB pictures are already display-ready: scale 0..255 to 0..1
+DISPLAY_PRESET = {"type": "display"}  # 8-bit and RGB pictures are already display-ready: scaled as displayed
 
 
 def preset_for(image: ImageVolume, vocabulary: Vocabulary, entry: ResolvedPrompt | None, modality: str) -> dict:
@@ -35,5 +35,13 @@ def prepare_slices(image: ImageVolume, view: SliceView, preset: dict[str, Any]) 
     """D x H x W (D x H x W x 3 for RGB) float32 in [0, 1]: ``image`` in ``view``, scaled by ``preset``."""
     array = view.to_view(image.array)
     if preset.get("type") == DISPLAY_PRESET["type"]:
-        return np.ascontiguousarray(array, dtype=np.float32) / 255.0
+        return _display(array)
     return np.ascontiguousarray(apply_preset(array, preset), dtype=np.float32)
+
+
+def _display(array: np.ndarray) -> np.ndarray:
+    """Pictures as displayed: unsigned integers (8-bit, 16-bit) over their type's range, anything else (float RGB,
+    say) from its smallest to its largest value, NaN and Inf replaced as in the presets."""
+    if np.issubdtype(array.dtype, np.unsignedinteger):
+        return np.ascontiguousarray(array, dtype=np.float32) / np.float32(np.iinfo(array.dtype).max)
+    return apply_preset(array, {"type": "percentile", "lower": 0, "upper": 100})

@@ -32,7 +32,9 @@ class InteractiveSegmentation(Medsam3InferTask):
         )
 
     def prompts(self, request: dict[str, Any]) -> PromptSet:
-        roi_numbers(request)  # a bad roi is refused before the model runs
+        roi = roi_numbers(request)  # malformed: refused before the model runs (outside the image: once it is read)
+        if roi and len(roi) not in (4, 6):
+            raise ValueError(f"roi must have 6 numbers [i0, i1, j0, j1, k0, k1] (4 on a picture), got {roi}")
         foreground = as_list(request.get("foreground"), "foreground")
         background = as_list(request.get("background"), "background")
         texts = free_text(request)[:1]
