@@ -23,7 +23,8 @@ from report import emit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
 
-from scripts.image_io import read_image, write_label  # noqa: E402
+from scripts.image_io import read_image  # noqa: E402
+from scripts.image_writing import write_label  # noqa: E402
 from scripts.inference import VolumeSegmenter  # noqa: E402
 from scripts.model_builder import build_medsam3  # noqa: E402
 from scripts.phantom import write_phantom  # noqa: E402

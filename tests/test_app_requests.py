@@ -132,6 +132,8 @@ def test_click_prompts(service) -> None:
     assert task.prompts({"label": "spleen", "foreground": [], "background": []}).texts == ("spleen",)
     with pytest.raises(ValueError, match="No clicks"):
         task.prompts({"label": "Segment_1", "foreground": [], "background": []})
+    with pytest.raises(ValueError, match="2 text prompts were given: give at most one"):
+        task.prompts({"label": "Segment_1", "foreground": [[1, 2, 3]], "text": "lesion; cyst"})
     with pytest.raises(ValueError, match=r"roi must have 6 numbers .*got \[1.0, 2.0, 3.0\]"):  # before the model
         task.prompts({"label": "liver", "foreground": [[1, 2, 3]], "roi": [1, 2, 3]})
 

@@ -14,7 +14,8 @@ import pytest
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 from PIL import Image
 
-from scripts.image_io import ImageVolume, output_path_for, read_image, write_image, write_label
+from scripts.image_io import ImageVolume, read_image
+from scripts.image_writing import output_path_for, write_image, write_label
 from scripts.orientation import PLANES, SliceView
 from scripts.phantom import make_ct_phantom, phantom_affine, write_phantom
 
@@ -260,6 +261,8 @@ def test_bad_shapes_and_paths(tmp_path: Path) -> None:
     _save(tmp_path, "empty.nii.gz", np.zeros((0, 4, 4), np.float32), np.eye(4))
     with pytest.raises(ValueError, match="has an empty axis"):
         read_image(tmp_path / "empty.nii.gz")
+    with pytest.raises(ValueError, match="No image path given"):
+        read_image("")
     with pytest.raises(ValueError, match="Image not found: .*missing.nii.gz"):
         read_image(tmp_path / "missing.nii.gz")
     (tmp_path / "notes.txt").write_text("hello")

@@ -14,7 +14,8 @@ from helpers import tiny_model
 from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
 
 from scripts.encoding_cache import EncodingCache
-from scripts.image_io import ImageVolume, read_image, write_label
+from scripts.image_io import ImageVolume, read_image
+from scripts.image_writing import write_label
 from scripts.inference import VolumeSegmenter
 from scripts.orientation import SliceView
 from scripts.phantom import write_phantom

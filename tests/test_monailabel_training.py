@@ -12,7 +12,8 @@ import requests
 from monailabel.client import MONAILabelClient
 from monailabel_server import start_server
 
-from scripts.image_io import read_image, write_label
+from scripts.image_io import read_image
+from scripts.image_writing import write_label
 
 pytestmark = pytest.mark.slow
 

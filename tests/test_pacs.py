@@ -35,7 +35,8 @@ from lib.dicomweb_proxy import install_dicomweb_proxy  # noqa: E402
 from lib.settings import AppSettings  # noqa: E402
 
 from scripts.dicom_seg import read_seg
-from scripts.image_io import read_image, write_label
+from scripts.image_io import read_image
+from scripts.image_writing import write_label
 from scripts.phantom import write_phantom
 from scripts.vocabulary import load_vocabulary
 

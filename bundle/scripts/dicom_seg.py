@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from .image_io import ImageVolume, write_label
+from .image_io import ImageVolume
+from .image_writing import write_label
 from .vocabulary import SnomedCoding, Vocabulary
 
 __all__ = ["SegmentInfo", "read_seg", "segments_for", "write_seg"]

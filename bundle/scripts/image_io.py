@@ -1,4 +1,4 @@
-"""Read medical images with their geometry and write label maps in exactly that geometry.
+"""Read medical images with their geometry (:mod:`scripts.image_writing` writes label maps in exactly that geometry).
 
 Every volume format gives the same convention, ITK's: ``array[i, j, k]`` is the voxel 3D Slicer calls IJK
 (the file's own index order), ``spacing`` is per index axis, ``origin`` and ``direction`` (columns = index
@@ -26,7 +26,15 @@ from PIL import Image
 
 from .dicom_series import check_series, series_in_folder
 
-__all__ = ["ImageVolume", "check_label_volume", "output_path_for", "read_image", "write_image", "write_label"]
+__all__ = [
+    "DICOM_SUFFIX",
+    "ITK_SUFFIXES",
+    "NIFTI_SUFFIXES",
+    "PICTURE_SUFFIXES",
+    "ImageVolume",
+    "file_suffix",
+    "read_image",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +56,6 @@ _ITK_PIXEL_TYPES = {
     "unsigned_int": "UI",
     "float": "F",
 }
-_ITK_WRITE_DTYPES = ("uint8", "int16", "uint16", "int32", "uint32", "float32", "float64")
 
 
 @dataclass
@@ -109,7 +116,8 @@ class ImageVolume:
         return affine
 
 
-def _suffix(path: Path) -> str:
+def file_suffix(path: Path) -> str:
+    """The file's extension, lower case; ``.nii.gz`` counts as one."""
     name = path.name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
 
@@ -120,10 +128,12 @@ def read_image(path: str | Path, max_voxels: int | None = None) -> ImageVolume:
     ``max_voxels`` refuses larger images from their header, before any voxel is decompressed (a server's guard
     against a small file that claims a huge grid).
     """
+    if not str(path).strip():  # Path("") is the working directory, which would be read as a DICOM folder
+        raise ValueError("No image path given")
     path = Path(path)
     if not path.exists():
         raise ValueError(f"Image not found: {path}")
-    suffix = _suffix(path)
+    suffix = file_suffix(path)
     if path.is_dir():
         volume = _read_dicom_series(path, max_voxels)
     elif suffix in NIFTI_SUFFIXES:
@@ -215,15 +225,16 @@ def _read_itk(source: str | list[str], path: Path, max_voxels: int | None) -> Im
         _spatial_shape(dimensions, path)
     components = io.GetNumberOfComponents()
     _check_voxels((*dimensions, len(source) if isinstance(source, list) else 1, components), path, max_voxels)
-    pixel = _ITK_PIXEL_TYPES.get(io.GetComponentTypeAsString(io.GetComponentType()), "D")
+    kind = io.GetComponentTypeAsString(io.GetComponentType())
     try:
-        image = itk.imread(source, pixel_type=getattr(itk, pixel)) if components == 1 else itk.imread(source)
+        image = (
+            itk.imread(source, pixel_type=getattr(itk, _ITK_PIXEL_TYPES.get(kind, "D")))
+            if components == 1
+            else itk.imread(source)
+        )
     except itk.TemplateTypeError as error:  # its message is ITK's list of the types it does wrap
-        kind = io.GetComponentTypeAsString(io.GetComponentType())
-        raise ValueError(
-            f"Cannot read image {path}: {components} values per voxel of type {kind} in {len(dimensions)}D are not "
-            "supported; give a single-channel volume or an 8-bit RGB picture"
-        ) from error
+        unsupported = f"{components} values per voxel of type {kind} in {len(dimensions)}D are not supported"
+        raise ValueError(f"Cannot read image {path}: {unsupported}; give one channel or 8-bit RGB") from error
     except (*_READ_ERRORS, TypeError) as error:
         raise _cannot_read(path, error) from error
     return _volume_from_itk(image, components, io.GetNameOfClass() == "GDCMImageIO", path)
@@ -241,11 +252,10 @@ def _volume_from_itk(image: itk.Image, components: int, is_dicom: bool, path: Pa
         return ImageVolume.from_picture(array[..., :3], (spacing[1], spacing[0]), path)
     if ndim == 2:
         return ImageVolume.from_picture(array, (spacing[1], spacing[0]), path)
-    direction = np.asarray(itk.array_from_matrix(image.GetDirection()), dtype=np.float64)[:3, :3]
-    origin = tuple(float(o) for o in image.GetOrigin())[:3]
+    direction = _independent(np.asarray(itk.array_from_matrix(image.GetDirection()), dtype=np.float64)[:3, :3], path)
     if ndim > 3:  # trailing singleton axes (a 4D file holding one volume): ITK's numpy order puts them first
         array, spacing = array.reshape(array.shape[ndim - 3 :]), spacing[:3]
-    direction = _independent(direction, path)
+    origin = tuple(float(o) for o in image.GetOrigin())[:3]
     return ImageVolume(np.ascontiguousarray(array.transpose(2, 1, 0)), spacing, origin, direction, path)
 
 
@@ -276,128 +286,3 @@ def _read_picture(path: Path, max_voxels: int | None) -> ImageVolume:
     if array.ndim == 3 and (array == array[..., :1]).all():
         array = array[..., 0]  # a grey picture stored as RGB
     return ImageVolume.from_picture(array, (1.0, 1.0), path)
-
-
-LABEL_DTYPES = ("uint8", "uint16", "int16", "int32", "uint32", "float32")
-
-
-def write_label(
-    label: np.ndarray, reference: ImageVolume, output_path: str | Path, dtype: str | None = None, compress: bool = True
-) -> Path:
-    """Write an integer label map in ``reference``'s exact grid as ``dtype`` (default uint8, or uint16 above 255).
-
-    ``compress=False`` writes raw NRRD data, for clients that read the bytes without decoding (OHIF).
-    """
-    label = np.asarray(label)
-    _check_grid(label, reference, "Label")
-    high = _check_label_values(label)
-    if dtype is None:
-        dtype = "uint8" if high <= 255 else "uint16"
-    if dtype not in LABEL_DTYPES:
-        raise ValueError(f"Unsupported label dtype {dtype!r}; use one of {', '.join(LABEL_DTYPES)}")
-    if np.dtype(dtype).kind in "iu" and high > np.iinfo(dtype).max:
-        raise ValueError(f"Label value {high} does not fit {dtype}")
-    return write_image(label.astype(dtype), reference, output_path, compress=compress)
-
-
-def write_image(array: np.ndarray, reference: ImageVolume, output_path: str | Path, compress: bool = True) -> Path:
-    """Write a single-channel ``array`` in ``reference``'s grid: .nii.gz/.nii, .nrrd/.mha, or .png (2D only).
-
-    ``array`` has the reference's spatial shape: (I, J, K) for volumes, (H, W) for pictures.
-    """
-    output_path = Path(output_path)
-    _check_grid(array, reference, "Image")
-    suffix = _suffix(output_path)
-    if suffix == ".png" and (not reference.is_2d or array.dtype not in (np.uint8, np.uint16)):
-        raise ValueError(f"PNG output holds 8- or 16-bit 2D pictures only; use .nii.gz for {output_path}")
-    if suffix not in (".png", ".nrrd", ".mha", *NIFTI_SUFFIXES):
-        raise ValueError(f"Unsupported output format {suffix!r} for {output_path}: use .nii.gz, .nii, .nrrd or .png")
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == ".png":
-        Image.fromarray(array).save(output_path)
-    elif suffix in NIFTI_SUFFIXES:
-        nib.save(_nifti_image(array, reference), output_path)
-    else:
-        itk.imwrite(_itk_image(array, reference), str(output_path), compression=compress)
-    return output_path
-
-
-def check_label_volume(label: ImageVolume, reference: ImageVolume) -> None:
-    """A label map read from a file must lie on its image's voxel grid (shape, spacing, origin and axes, to 1 um and
-    a relative 1e-5) and hold whole numbers in 0..65535: what training and DICOM SEG take as the image's label."""
-    expected_shape = reference.array.shape[:2] if reference.is_2d else reference.array.shape
-    geometry = zip(
-        ("shape", "spacing", "origin", "axes"),
-        (label.array.shape, label.spacing, label.origin, label.direction),
-        (expected_shape, reference.spacing, reference.origin, reference.direction),
-        strict=True,
-    )
-    for what, found, expected in geometry:
-        if np.shape(found) != np.shape(expected) or not np.allclose(found, expected, rtol=1e-5, atol=1e-3):
-            raise ValueError(
-                f"The label is not on its image's grid: its {what} {np.round(found, 4).tolist()} differs from the "
-                f"image's {np.round(expected, 4).tolist()}"
-            )
-    _check_label_values(label.array)
-
-
-def _check_label_values(label: np.ndarray) -> int:
-    """The highest value of an integer label map, after checking its values are whole numbers in 0..65535."""
-    if label.dtype.kind not in "biuf":
-        raise ValueError(f"Label pixel type {label.dtype} is not a number type")
-    if label.dtype.kind == "f" and not (np.isfinite(label).all() and (label == np.round(label)).all()):
-        raise ValueError("Label values must be whole numbers")
-    low, high = (label.min(), label.max()) if label.size else (0, 0)
-    if low < 0 or high > np.iinfo(np.uint16).max:
-        raise ValueError(f"Label values must lie in 0..65535, got {low}..{high}")
-    return int(high)
-
-
-def _check_grid(array: np.ndarray, reference: ImageVolume, what: str) -> None:
-    expected = reference.array.shape[:2] if reference.is_2d else reference.array.shape
-    if array.shape != expected:
-        raise ValueError(f"{what} shape {array.shape} does not match the image shape {expected}")
-
-
-def _nifti_image(array: np.ndarray, reference: ImageVolume) -> nib.Nifti1Image:
-    data = array.T if reference.is_2d else array  # pictures are rows x columns, NIfTI axis 0 runs along columns
-    header = reference.nifti_header
-    if header is not None:
-        header = header.copy()
-        header.set_data_dtype(array.dtype)
-        header.set_slope_inter(None, None)
-        header["cal_min"], header["cal_max"] = 0, 0
-        image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
-        return image_class(data, None, header)  # no affine: the header's qform and sform stay as they were
-    affine = reference.affine_ras
-    if reference.is_2d:
-        affine = affine[:, [1, 0, 2, 3]]
-    image = nib.Nifti1Image(data, affine)
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    image.header.set_xyzt_units("mm")
-    return image
-
-
-def _itk_image(array: np.ndarray, reference: ImageVolume) -> itk.Image:
-    if array.dtype.name not in _ITK_WRITE_DTYPES:
-        raise ValueError(f"Cannot write pixel type {array.dtype} with ITK; use one of {', '.join(_ITK_WRITE_DTYPES)}")
-    if reference.is_2d:
-        image = itk.image_from_array(np.ascontiguousarray(array))  # rows x columns is ITK's (j, i) order
-        image.SetSpacing([float(reference.spacing[1]), float(reference.spacing[0])])
-        return image
-    image = itk.image_from_array(np.ascontiguousarray(array.transpose(2, 1, 0)))
-    image.SetSpacing([float(s) for s in reference.spacing])
-    image.SetOrigin([float(o) for o in reference.origin])
-    image.SetDirection(itk.matrix_from_array(np.ascontiguousarray(reference.direction, dtype=np.float64)))
-    return image
-
-
-def output_path_for(input_path: str | Path, output_dir: str | Path, suffix: str = ".nii.gz", postfix: str = "") -> Path:
-    """``output_dir/<input name without its extension><postfix><suffix>``; a DICOM folder gives its own name."""
-    name = Path(input_path).name
-    for ext in (*NIFTI_SUFFIXES, *ITK_SUFFIXES, *PICTURE_SUFFIXES, DICOM_SUFFIX):
-        if name.lower().endswith(ext):
-            name = name[: -len(ext)]
-            break
-    return Path(output_dir) / f"{name}{postfix}{suffix}"

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 
-from .image_io import ImageVolume, write_image, write_label
+from .image_io import ImageVolume
+from .image_writing import write_image, write_label
 from .phantom_dicom import dicom_slices
 
 __all__ = [

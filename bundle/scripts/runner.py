@@ -14,16 +14,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .image_io import (
-    DICOM_SUFFIX,
-    ITK_SUFFIXES,
-    NIFTI_SUFFIXES,
-    PICTURE_SUFFIXES,
-    ImageVolume,
-    output_path_for,
-    read_image,
-    write_label,
-)
+from .image_io import DICOM_SUFFIX, ITK_SUFFIXES, NIFTI_SUFFIXES, PICTURE_SUFFIXES, ImageVolume, read_image
+from .image_writing import output_path_for, write_label
 from .inference import SegmentationResult, VolumeSegmenter
 from .label_numbering import read_datalist
 from .prompts import PromptSet, parse_list_argument

@@ -32,7 +32,8 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.exception import ImageNotFoundException
 from monailabel.utils.sessions import Sessions
 
-from scripts.image_io import ImageVolume, check_label_volume, read_image
+from scripts.image_io import ImageVolume, read_image
+from scripts.image_writing import check_label_volume
 
 from .safe_paths import (
     UnsafePath,

@@ -39,7 +39,8 @@ from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoun
 
 from scripts.dicom_seg import segments_for, write_seg
 from scripts.dicom_series import NOT_IMAGES
-from scripts.image_io import ImageVolume, read_image, write_image
+from scripts.image_io import ImageVolume, read_image
+from scripts.image_writing import write_image
 from scripts.vocabulary import Vocabulary
 
 from .datastore import check_label_file, checked_info, register_image, write_datastore_file

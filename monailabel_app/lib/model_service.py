@@ -29,7 +29,8 @@ from monai.bundle import ConfigParser
 from scripts.checkpoint import RANDOM_WEIGHTS, load_adaptation_file
 from scripts.dicom_seg import SegmentInfo, write_seg
 from scripts.encoding_cache import EncodingCache, image_key
-from scripts.image_io import ImageVolume, read_image, write_label
+from scripts.image_io import ImageVolume, read_image
+from scripts.image_writing import write_label
 from scripts.inference import SegmentationResult, VolumeSegmenter
 from scripts.intensity import guess_modality
 from scripts.label_numbering import client_values

@@ -37,7 +37,7 @@ class InteractiveSegmentation(Medsam3InferTask):
             raise ValueError(f"roi must have 6 numbers [i0, i1, j0, j1, k0, k1] (4 on a picture), got {roi}")
         foreground = as_list(request.get("foreground"), "foreground")
         background = as_list(request.get("background"), "background")
-        texts = free_text(request)[:1]
+        texts = free_text(request)  # clicks segment one structure: more than one text is refused below
         if not texts and request.get("label"):
             resolved = self.service.vocabulary.resolve(str(request["label"]))
             texts = [resolved.name] if resolved.known else []  # "Segment_1" is not a prompt
