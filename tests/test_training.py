@@ -165,6 +165,65 @@ def test_learning_rate_schedule() -> None:
         LearningRateSchedule(10, 11)
 
 
+def test_a_run_stopped_mid_schedule_resumes_its_learning_rates(tmp_path: Path) -> None:
+    """A run stopped where the cosine schedule is below its base rate, then resumed with the same ``max_steps``
+    (train.json's handler order: the state is restored before the schedule attaches), continues the rates of the
+    run that was not stopped; the restored optimiser's scheduled rate was once taken as the base."""
+    from ignite.engine import Engine, Events
+
+    from scripts.lr_schedule import LearningRateSchedule
+    from scripts.training import TrainingState
+
+    def run(folder: Path, resume: str = "", stop_at: int | None = None) -> list[float]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(2, 1)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1.0)
+        rates = []
+
+        def step(engine: Engine, batch: object) -> None:
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.zero_grad()
+            model(torch.ones(1, 2)).sum().backward()
+            optimizer.step()
+
+        engine = Engine(step)
+        engine.network, engine.optimizer = model, optimizer
+        engine.state.max_epochs, engine.state.epoch_length = 1, 10  # as MONAI's workflow sets them
+        TrainingState(str(folder), "full", 10, every=1, resume=resume).attach(engine)
+        LearningRateSchedule(10, 2, "cosine").attach(engine)
+        if stop_at:
+            engine.add_event_handler(Events.ITERATION_COMPLETED(once=stop_at), lambda e: e.terminate())
+        engine.run(range(10))
+        return rates
+
+    straight = run(tmp_path / "straight")
+    first = run(tmp_path / "stopped", stop_at=5)
+    resumed = run(tmp_path / "stopped", resume=str(tmp_path / "stopped" / "train_state.pt"))
+    assert first == straight[:5] and straight[4] < 1.0
+    np.testing.assert_allclose(resumed, straight[5:], rtol=1e-6)
+
+
+def test_labels_off_their_image_grid_are_refused(tmp_path: Path) -> None:
+    """A label stored in another orientation with the same shape trained on a mirror image (Dice 0 against the
+    right target); labels whose headers differ from the image's by float noise still train."""
+    import nibabel as nib
+
+    image, label = write_phantom(tmp_path, "case", shape=(24, 24, 6))
+    stored = nib.load(label)
+    flipped = nib.Nifti1Image(np.asarray(stored.dataobj)[::-1].copy(), np.diag([-1.0, 1.0, 1.0, 1.0]) @ stored.affine)
+    nib.save(flipped, tmp_path / "flipped.nii.gz")
+    noisy = stored.affine.copy()
+    noisy[:3, 3] += 0.01  # mm: float noise of another writer
+    nib.save(nib.Nifti1Image(np.asarray(stored.dataobj), noisy), tmp_path / "noisy.nii.gz")
+    vocabulary = load_vocabulary()
+    with pytest.raises(ValueError, match="flipped.nii.gz: The label is not on its image's grid"):
+        SlicePromptDataset(
+            [{"image": str(image), "label": str(tmp_path / "flipped.nii.gz")}], {1: "liver"}, vocabulary, 64, 1
+        )
+    noisy_item = {"image": str(image), "label": str(tmp_path / "noisy.nii.gz")}
+    assert len(SlicePromptDataset([noisy_item], {1: "liver"}, vocabulary, 64, 2)) == 2
+
+
 def test_items_with_their_own_labels(datalist: Path) -> None:
     """An item annotating only the spleen, as value 1: spleen targets come from value 1, liver is not a negative."""
     training = json.loads(datalist.read_text())["training"]

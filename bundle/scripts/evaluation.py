@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from .clicks import next_click
-from .image_io import read_image
+from .image_writing import read_labelled
 from .inference import VolumeSegmenter
 from .label_numbering import dataset_labels, renumber
 from .metrics import dice, evaluate_label_maps, summarise, write_metrics_csv
@@ -59,9 +59,7 @@ def run_evaluation(
     for item in tqdm(items, desc="Evaluating", unit="image"):
         if "label" not in item:
             raise ValueError(f"Datalist item {item['image']} has no 'label' to evaluate against")
-        volume, reference = read_image(item["image"]), read_image(item["label"])
-        if reference.array.shape != volume.array.shape:
-            raise ValueError(f"Label {item['label']} has shape {reference.array.shape}, image {volume.array.shape}")
+        volume, reference = read_labelled(item["image"], item["label"])
         result = segmenter.segment(volume, prompt_set)
         # The prediction carries vocabulary values, the reference the dataset's: prompt p is reference value p.
         to_reference = {row["index"]: value for value, row in zip(label_map, result.labels, strict=True)}
@@ -105,7 +103,8 @@ def run_interactive_evaluation(
         raise ValueError(f"clicks must be positive counts, got {list(clicks)}")
     rows = []
     for item in items:
-        volume, reference = read_image(item["image"]), read_image(item["label"]).array
+        volume, label = read_labelled(item["image"], item["label"])
+        reference = label.array
         for value, name in labels.items():
             target = reference == value
             if not target.any():

@@ -14,9 +14,17 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
-from .image_io import DICOM_SUFFIX, ITK_SUFFIXES, NIFTI_SUFFIXES, PICTURE_SUFFIXES, ImageVolume, file_suffix
+from .image_io import (
+    DICOM_SUFFIX,
+    ITK_SUFFIXES,
+    NIFTI_SUFFIXES,
+    PICTURE_SUFFIXES,
+    ImageVolume,
+    file_suffix,
+    read_image,
+)
 
-__all__ = ["LABEL_DTYPES", "check_label_volume", "output_path_for", "write_image", "write_label"]
+__all__ = ["LABEL_DTYPES", "check_label_volume", "output_path_for", "read_labelled", "write_image", "write_label"]
 
 _ITK_WRITE_DTYPES = ("uint8", "int16", "uint16", "int32", "uint32", "float32", "float64")
 
@@ -64,23 +72,39 @@ def write_image(array: np.ndarray, reference: ImageVolume, output_path: str | Pa
     return output_path
 
 
-def check_label_volume(label: ImageVolume, reference: ImageVolume) -> None:
+def check_label_volume(label: ImageVolume, reference: ImageVolume, dataset: bool = False) -> None:
     """A label map read from a file must lie on its image's voxel grid (shape, spacing, origin and axes, to 1 um and
-    a relative 1e-5) and hold whole numbers in 0..65535: what training and DICOM SEG take as the image's label."""
+    a relative 1e-5) and hold whole numbers in 0..65535: what training and DICOM SEG take as the image's label.
+
+    ``dataset`` labels (training and evaluation datalists, whose headers often differ from their image's by float
+    noise) may differ by 0.1 % in spacing and axes and by half a voxel in origin: a label stored flipped or with
+    its axes in another order is still refused."""
     expected_shape = reference.array.shape[:2] if reference.is_2d else reference.array.shape
+    half_voxel = 0.5 * min(reference.spacing)
     geometry = zip(
         ("shape", "spacing", "origin", "axes"),
         (label.array.shape, label.spacing, label.origin, label.direction),
         (expected_shape, reference.spacing, reference.origin, reference.direction),
+        ((0, 0), (1e-3, 0), (0, half_voxel), (0, 1e-3)) if dataset else ((1e-5, 1e-3),) * 4,
         strict=True,
     )
-    for what, found, expected in geometry:
-        if np.shape(found) != np.shape(expected) or not np.allclose(found, expected, rtol=1e-5, atol=1e-3):
+    for what, found, expected, (rtol, atol) in geometry:
+        if np.shape(found) != np.shape(expected) or not np.allclose(found, expected, rtol=rtol, atol=atol):
             raise ValueError(
                 f"The label is not on its image's grid: its {what} {np.round(found, 4).tolist()} differs from the "
                 f"image's {np.round(expected, 4).tolist()}"
             )
     _check_label_values(label.array)
+
+
+def read_labelled(image_path: str | Path, label_path: str | Path) -> tuple[ImageVolume, ImageVolume]:
+    """A dataset item's image and label map, the label checked against the image (:func:`check_label_volume`)."""
+    image, label = read_image(image_path), read_image(label_path)
+    try:
+        check_label_volume(label, image, dataset=True)
+    except ValueError as error:
+        raise ValueError(f"{label_path}: {error}") from None
+    return image, label
 
 
 def _check_label_values(label: np.ndarray) -> int:

@@ -29,24 +29,25 @@ def lr_factor(iteration: int, max_steps: int, warmup_steps: int = 0, schedule: s
 
 
 class LearningRateSchedule:
-    """Sets every optimiser group's rate to its base rate times :func:`lr_factor` before each iteration."""
+    """Sets every optimiser group's rate to its base rate times :func:`lr_factor` before each iteration.
+
+    The base rate is kept in the group as ``initial_lr`` (as torch's schedulers keep it), so it is saved with the
+    optimiser's state and a resumed run scales the same base, whichever handler restores the state first."""
 
     def __init__(self, max_steps: int, warmup_steps: int = 0, schedule: str = "constant") -> None:
         if warmup_steps < 0 or warmup_steps > max_steps:
             raise ValueError(f"warmup_steps must be between 0 and max_steps ({max_steps}), got {warmup_steps}")
         lr_factor(0, max_steps, warmup_steps, schedule)  # an unknown schedule fails here, before training starts
         self.max_steps, self.warmup_steps, self.schedule = max_steps, warmup_steps, schedule
-        self._base: list[float] = []
 
     def attach(self, engine: Engine) -> None:
         if self.schedule == "constant" and self.warmup_steps == 0:
             return  # the optimiser's own rates, untouched
-        # Base rates now, before a resumed run restores an optimiser state saved with scheduled rates.
-        self._base = [group["lr"] for group in engine.optimizer.param_groups]
+        for group in engine.optimizer.param_groups:  # a restored state brings its own
+            group.setdefault("initial_lr", group["lr"])
         engine.add_event_handler(Events.ITERATION_STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
-        groups = engine.optimizer.param_groups
         factor = lr_factor(engine.state.iteration - 1, self.max_steps, self.warmup_steps, self.schedule)
-        for group, base in zip(groups, self._base, strict=True):
-            group["lr"] = base * factor
+        for group in engine.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor

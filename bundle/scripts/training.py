@@ -32,7 +32,7 @@ from .adapters import (
 from .checkpoint import load_network, save_checkpoint
 from .click_training import ClickPromptLoss, ClickSimulation
 from .cpu_compat import device_fallbacks, keep_activations, precision
-from .image_io import read_image
+from .image_writing import read_labelled
 from .inference import VolumeSegmenter
 from .label_numbering import item_labels
 from .losses import TextPromptLoss
@@ -383,10 +383,10 @@ def validation_dice(
         values: dict[str, list[int]] = {}
         for value, name in item_labels(item, labels).items():
             values.setdefault(name, []).append(value)
-        result = segmenter.segment(read_image(item["image"]), PromptSet.create(texts=list(values)))
-        reference = read_image(item["label"]).array
+        image, reference = read_labelled(item["image"], item["label"])
+        result = segmenter.segment(image, PromptSet.create(texts=list(values)))
         for name_values, row in zip(values.values(), result.labels, strict=True):
-            scores.append(dice(result.label == row["index"], np.isin(reference, name_values)))
+            scores.append(dice(result.label == row["index"], np.isin(reference.array, name_values)))
     return float(sum(scores) / len(scores))
 
 

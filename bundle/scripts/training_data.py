@@ -23,7 +23,7 @@ from monai.transforms import Compose, RandGaussianNoise, RandScaleIntensity, Ran
 from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
-from .image_io import read_image
+from .image_writing import read_labelled
 from .intensity import guess_modality
 from .label_numbering import item_labels
 from .orientation import SliceView
@@ -124,9 +124,7 @@ class SlicePromptDataset(Dataset):
         unknown = sorted(set(labels.values()) - set(self.names))
         if unknown:
             raise ValueError(f"{item['label']} labels {unknown}, which are not among the training labels {self.names}")
-        image, label = read_image(item["image"]), read_image(item["label"])
-        if image.array.shape[: label.array.ndim] != label.array.shape:
-            raise ValueError(f"{item['label']} has shape {label.array.shape}, its image {image.array.shape}")
+        image, label = read_labelled(item["image"], item["label"])
         view = SliceView.for_volume(image)
         modality = guess_modality(image.array)
         values = view.to_view(label.array).astype(np.int64)
