@@ -99,18 +99,33 @@ def test_ohif_reads_the_pacs_through_the_proxy_with_the_apps_credentials(chain: 
     ct = _series_uid(chain.folders["ct"])
     studies = requests.get(
         f"{chain.url}/proxy/dicom/qido/series",
-        params={"SeriesInstanceUID": ct, "includefield": "0020000D"},
+        params=[("SeriesInstanceUID", ct), ("includefield", "00180015"), ("includefield", "0020000D")],  # both pass
         headers={"Accept": "application/dicom+json", "Authorization": "Basic bm9ib2R5Om5vdGhpbmc="},
         timeout=60,
     )
     assert studies.status_code == 200 and studies.headers["content-type"].startswith("application/dicom+json")
     (found,) = studies.json()  # the query reached the PACS: one series, not all of them
-    assert found["0020000E"]["Value"] == [ct]
+    assert found["0020000E"]["Value"] == [ct] and found["00180015"]["Value"] == ["ABDOMEN"]  # BodyPartExamined
     study = found["0020000D"]["Value"][0]
     metadata = requests.get(f"{chain.url}/proxy/dicom/wado/studies/{study}/series/{ct}/metadata", timeout=60)
     assert metadata.status_code == 200 and len(metadata.json()) == len(list(chain.folders["ct"].iterdir()))
     missing = requests.get(f"{chain.url}/proxy/dicom/qido/studies/1.2.3/series", timeout=60)
     assert missing.status_code in (200, 204, 404)  # the PACS's own answer, passed on
+
+
+def test_instance_uids_from_the_pacs_never_name_files(chain: Chain) -> None:
+    """MONAI Label's series download saved each instance as ``<SOPInstanceUID>.dcm``: a UID that is a path (here an
+    absolute one; ``../..`` climbs as well) wrote a file the PACS's sender chose, outside the cache."""
+    folder, _ = write_phantom(chain.root / "phantoms", "planting", fmt="dicom", shape=(16, 16, 4), seed=9)
+    files = sorted(folder.iterdir())
+    first = pydicom.dcmread(str(files[0]))
+    target = chain.root / "planted"
+    first.SOPInstanceUID = first.file_meta.MediaStorageSOPInstanceUID = str(target)
+    first.save_as(str(files[0]))
+    chain.pacs.upload(files)
+    response = requests.get(f"{chain.url}/datastore/image", params={"image": _series_uid(folder)}, timeout=120)
+    assert response.status_code in (200, 400), response.text[:300]
+    assert not target.with_suffix(".dcm").exists() and not list(chain.root.rglob("planted*"))
 
 
 def test_installing_the_proxy_again_replaces_it() -> None:
@@ -361,8 +376,9 @@ def test_a_pacs_that_does_not_answer_is_a_502(tmp_path: Path) -> None:
             assert answer.status_code == 502 and "The PACS did not answer" in answer.json()["detail"], answer.text
         proxied = requests.get(f"{url}/proxy/dicom/qido/studies", timeout=60)  # OHIF's study list
         assert proxied.status_code == 502 and "could not be reached" in proxied.json()["detail"], proxied.text
-        climbing = requests.get(f"{url}/proxy/dicom/qido/..%2F..%2Ftools%2Fnow", timeout=60)  # Orthanc's REST API
-        assert climbing.status_code == 400 and "leaves the PACS's DICOMweb root" in climbing.json()["detail"]
+        for climb in ("qido/..%2F..%2Ftools%2Fnow", "%252e%252e/tools/now", "qido/%252e%252e/%252e%252e/system"):
+            climbing = requests.get(f"{url}/proxy/dicom/{climb}", timeout=60)  # Orthanc's REST API, decoded twice
+            assert climbing.status_code == 400 and "leaves the PACS's DICOMweb root" in climbing.json()["detail"]
         assert requests.get(f"{url}/docs", timeout=10).status_code == 200  # still serving
 
 

@@ -33,7 +33,7 @@ from monailabel.config import settings as monailabel_settings
 from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
 from monailabel.datastore.utils.convert import binary_to_image
-from monailabel.datastore.utils.dicom import dicom_web_download_series, dicom_web_upload_dcm
+from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
 
@@ -50,7 +50,7 @@ from .settings import AppSettings, names
 
 logger = logging.getLogger(__name__)
 
-SERIES_UID, MODALITY = "0020000E", "00080060"
+SERIES_UID, STUDY_UID, MODALITY = "0020000E", "0020000D", "00080060"
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
@@ -178,19 +178,30 @@ class PacsDatastore(DICOMWebDatastore):
         self._check_modality(image_id, _modality(found[0]))
         series_dir = image_path / image_id
         if not series_dir.is_dir() or not any(series_dir.iterdir()):
-            partial = image_path / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"  # removed at start-up if killed
-            partial.mkdir(mode=0o700)
-            try:
-                dicom_web_download_series(None, image_id, str(partial), self._client, False)
-                shutil.rmtree(series_dir, ignore_errors=True)
-                partial.rename(series_dir)  # never a half-downloaded series in the cache
-            finally:
-                shutil.rmtree(partial, ignore_errors=True)
+            self._download(found[0], image_id, series_dir)
         volume = read_image(series_dir, max_voxels=self.settings.max_voxels)  # ValueError (400) for a bad series
         with tempfile.TemporaryDirectory() as work:
             written = write_image(volume.array, volume, Path(work) / f"{image_id}.nii.gz")
             # Atomic: a server killed while copying leaves no truncated file that later requests would trust.
             register_image(self, image_id, str(written), str(converted), ".nii.gz", self._dicom_info(image_id))
+
+    def _download(self, series: dict[str, Any], uid: str, folder: Path) -> None:
+        """Every instance of the series ``uid`` (``series``: its QIDO answer), into ``folder`` all at once: never
+        a half-downloaded series in the cache. Files are named by their place in the answer, never by a name the
+        PACS gives: MONAI Label's download names them ``<SOPInstanceUID>.dcm``, and a UID such as ``../../x``
+        wrote outside the cache."""
+        study = (series.get(STUDY_UID, {}).get("Value") or [""])[0]
+        if not _is_uid(study):
+            raise ImageNotFoundException(f"The PACS gives series {uid} no valid StudyInstanceUID ({study!r:.80})")
+        partial = folder.parent / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"  # removed at start-up if killed
+        partial.mkdir(mode=0o700)
+        try:
+            for number, instance in enumerate(self._client.retrieve_series(study, uid)):
+                instance.save_as(str(partial / f"{number:06d}.dcm"))
+            shutil.rmtree(folder, ignore_errors=True)
+            partial.rename(folder)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
 
     def _check_modality(self, image_id: str, kind: str) -> None:
         """Serve only the modalities ``--conf dicomweb_modalities`` lists (all when empty); SR, SEG and other
@@ -210,7 +221,13 @@ class PacsDatastore(DICOMWebDatastore):
             return local
         if not _is_uid(label_id):
             raise LabelNotFoundException(f"No label {label_id!r:.80}: a PACS label is a SEG's SeriesInstanceUID")
-        return super().get_label_uri(label_id, label_tag, image_id)
+        found = [f for f in self._client.search_for_series(search_filters={"SeriesInstanceUID": label_id}) if f]
+        if not found or _modality(found[0]) != "SEG":  # any other series would be copied into the label cache
+            raise LabelNotFoundException(f"No DICOM SEG {label_id} in the PACS")
+        label_dir = Path(self._datastore.label_path(label_tag)) / label_id
+        if not label_dir.is_dir() or not any(label_dir.iterdir()):
+            self._download(found[0], label_id, label_dir)
+        return super().get_label_uri(label_id, label_tag, image_id)  # converts the SEG it finds downloaded
 
     def save_label(
         self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any], label_id: str = ""

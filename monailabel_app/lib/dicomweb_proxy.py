@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from urllib.parse import quote
 
 import httpx
 from fastapi import APIRouter, HTTPException, Request
@@ -40,10 +41,12 @@ def pacs_path(path: str) -> str:
     """The PACS path of a proxy path: ``qido/studies`` -> ``studies`` (or ``<QIDO prefix>/studies``); a path
     without an operation passes as it is. Metadata asked through QIDO is a WADO request (some OHIF versions).
 
-    ``ValueError`` (400) for a path that would climb out of the DICOMweb root (``..``): with the server's PACS
-    account behind it, that would reach the PACS's other APIs (Orthanc's REST API and its administration)."""
-    if any(part in (".", "..") for part in path.replace("\\", "/").split("/")):
-        raise ValueError(f"The DICOMweb proxy path {path!r} leaves the PACS's DICOMweb root: refused")
+    ``ValueError`` (400) for a path that would climb out of the DICOMweb root (``..``), also once the PACS decodes
+    it again (``%2e%2e``, sent double-encoded): with the server's PACS account behind it, that would reach the PACS's
+    other APIs (Orthanc's REST API and its administration). DICOMweb paths hold no ``%``; each segment goes to the
+    PACS percent-encoded, so it decodes back to what was checked."""
+    if any(part in (".", "..") or "%" in part for part in path.replace("\\", "/").split("/")):
+        raise ValueError(f"The DICOMweb proxy path {path!r:.200} leaves the PACS's DICOMweb root: refused")
     operation, _, rest = path.partition("/")
     if operation not in ("qido", "wado", "stow"):
         return path
@@ -70,11 +73,15 @@ def _router(studies: str, auth: tuple[str, str] | None, timeout: float) -> APIRo
 
     @router.api_route("/{path:path}", methods=["GET", "POST"], name="medsam3_dicomweb_proxy")
     async def proxy(request: Request, path: str) -> StreamingResponse:
-        url = f"{studies}/{pacs_path(path)}"
+        url = f"{studies}/{'/'.join(quote(part, safe='') for part in pacs_path(path).split('/'))}"
         headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED_REQUEST_HEADERS}
         client = httpx.AsyncClient(timeout=timeout, auth=auth)
         outgoing = client.build_request(
-            request.method, url, params=request.query_params, headers=headers, content=await request.body()
+            request.method,
+            url,
+            params=request.query_params.multi_items(),
+            headers=headers,
+            content=await request.body(),
         )
         try:
             answer = await client.send(outgoing, stream=True)
