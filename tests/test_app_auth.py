@@ -298,4 +298,7 @@ def test_browser_log_in_sets_a_same_site_cookie_for_ohif(server) -> None:
     assert "HttpOnly" in cookie and "SameSite=strict" in cookie
     assert browser.get(f"{url}/info/", timeout=30).status_code == 200
     assert browser.get(f"{url}/logs/", timeout=30).status_code == 403  # the annotator's role, as with a token
+    token = browser.cookies["medsam3_token"]  # another app's cookies on the same host come first
+    others = {"Cookie": f'ui=dark mode; prefs={{"x":1}}; medsam3_token={token}'}
+    assert requests.get(f"{url}/info/", headers=others, timeout=30).status_code == 200
     assert requests.get(f"{url}/info/", timeout=30).status_code == 401

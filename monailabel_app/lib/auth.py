@@ -18,7 +18,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Annotated
 
@@ -28,6 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.security import OAuth2PasswordRequestForm
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, QueryParams
+from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .safe_paths import UnsafePath, check_name
@@ -251,8 +251,10 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        cookie = SimpleCookie(headers.get("cookie", "")).get(COOKIE)
-        user = self.guard.bearer(headers.get("authorization") or (f"Bearer {cookie.value}" if cookie else None))
+        # Starlette's lenient parser, as browsers send cookies: the standard library's stops at the first cookie it
+        # finds malformed (another app's on the same host, "ui=dark mode"), dropping ours after it.
+        cookie = cookie_parser(headers.get("cookie", "")).get(COOKIE)
+        user = self.guard.bearer(headers.get("authorization") or (f"Bearer {cookie}" if cookie else None))
         if user is None:
             status, detail = 401, "Not authenticated: get a token from POST /auth/token, send 'Authorization: Bearer'"
         elif not user.may(rule.role):
