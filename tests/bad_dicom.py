@@ -85,6 +85,17 @@ def uneven_spacing(good: Path, out: Path) -> Path:
     return _write(slices, out, "uneven spacing")
 
 
+def gantry_tilt(good: Path, out: Path) -> Path:
+    """Each slice shifted along the column direction in proportion to its height: a CT tilted by 20 degrees."""
+    slices = _slices(good)
+    for ds in slices:
+        orientation = np.asarray(ds.ImageOrientationPatient, dtype=float)
+        position = np.asarray(ds.ImagePositionPatient, dtype=float)
+        shifted = position + orientation[3:] * (position @ _normal(ds)) * np.tan(np.deg2rad(20))
+        ds.ImagePositionPatient = [round(float(p), 6) for p in shifted]
+    return _write(slices, out, "gantry tilt")
+
+
 def private_transfer_syntax(good: Path, out: Path) -> Path:
     """Every file labelled with a private transfer syntax (``PRIVATE_SYNTAX``); the pixels are left as they are."""
     slices = _slices(good)

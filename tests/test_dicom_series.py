@@ -41,8 +41,9 @@ def _refusal(folder: Path) -> str:
         (bad_dicom.sr_document, ["is a DICOM SR", "Basic Text SR Storage", "not an image series", "pick the image"]),
         (bad_dicom.segmentation, ["is a DICOM SEG", "Segmentation Storage", "not an image series", "pick the image"]),
         (lambda good, out: bad_dicom.enhanced_ct(good, out, drop=(5, 6)), ["2 slices missing between positions"]),
+        (bad_dicom.gantry_tilt, ["the slices are sheared", "gantry-tilted", "dcm2niix"]),
     ],
-    ids=["missing", "uneven", "syntax", "sr", "seg", "enhanced-gap"],
+    ids=["missing", "uneven", "syntax", "sr", "seg", "enhanced-gap", "gantry-tilt"],
 )
 def test_bad_variants_are_refused(good: Path, tmp_path: Path, make: Callable, words: list[str]) -> None:
     folder = make(good, tmp_path / "bad")

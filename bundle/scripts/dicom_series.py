@@ -276,7 +276,21 @@ def _heights(planes: list[_Plane], where: str) -> np.ndarray:
     normal = np.cross(row, column)
     if np.linalg.norm(normal) < 0.5:
         raise ValueError(f"{where}: ImageOrientationPatient {_show(first.orientation)} has parallel axes")
-    return np.asarray([p.position for p in planes]) @ (normal / np.linalg.norm(normal))
+    normal = normal / np.linalg.norm(normal)
+    positions = np.asarray([p.position for p in planes])
+    heights = positions @ normal
+    # A volume stacks its slices along the normal: slices that drift sideways (a gantry-tilted CT) would be read
+    # as a straight stack, millimetres away from where they are.
+    drift = np.linalg.norm(positions - positions[0] - np.outer(heights - heights[0], normal), axis=1)
+    allowed = 0.1 * (float(np.min(first.spacing)) if first.spacing is not None else 1.0)
+    if drift.max() > allowed:
+        worst = int(drift.argmax())
+        raise ValueError(
+            f"{where}: the slices are sheared, not stacked along their normal ({planes[worst].name} lies "
+            f"{drift[worst]:.2f} mm to the side of the first slice's normal: a gantry-tilted acquisition?); "
+            f"{_CONVERT}, which corrects the tilt"
+        )
+    return heights
 
 
 def _check_frame_order(heights: np.ndarray, planes: list[_Plane], where: str) -> None:
