@@ -39,7 +39,7 @@ FLOORS = {
     5: {"encoding_cache"},
     6: {"inference"},
     7: {"runner", "training", "uncertainty"},
-    8: {"evaluation"},
+    8: {"evaluation", "validation"},
 }
 FLOOR = {module: floor for floor, modules in FLOORS.items() for module in modules}
 MAX_LINES = 400

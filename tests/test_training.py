@@ -203,6 +203,25 @@ def test_a_run_stopped_mid_schedule_resumes_its_learning_rates(tmp_path: Path) -
     np.testing.assert_allclose(resumed, straight[5:], rtol=1e-6)
 
 
+def test_full_mode_from_a_detector_only_checkpoint_saves_no_tracker(tmp_path: Path) -> None:
+    """Started from Medical SAM3's detector-only file the tracker is neither loaded nor trained: a full-mode save
+    that held its random weights loaded back as a model that follows clicks."""
+    from scripts.checkpoint import TRACKER_PREFIXES, load_checkpoint, save_checkpoint
+    from scripts.training import trained_state_dict
+
+    source = tiny_model(seed=3)
+    detector = {k: v for k, v in source.state_dict().items() if not k.startswith(TRACKER_PREFIXES)}
+    torch.save({"model": {k.removeprefix("detector."): v for k, v in detector.items()}}, tmp_path / "detector.pt")
+    model = tiny_model()
+    assert not load_checkpoint(model, tmp_path / "detector.pt").interactive
+    model.interactive = False  # as prepare_network sets it
+    saved = trained_state_dict(model, "full")
+    assert saved and not any(k.startswith(TRACKER_PREFIXES) for k in saved)
+    save_checkpoint(model, tmp_path / "fine_tuned.pt", saved)
+    assert not load_checkpoint(tiny_model(), tmp_path / "fine_tuned.pt").interactive
+    assert any(k.startswith(TRACKER_PREFIXES) for k in trained_state_dict(tiny_model(), "full"))  # a full model: all
+
+
 def test_labels_off_their_image_grid_are_refused(tmp_path: Path) -> None:
     """A label stored in another orientation with the same shape trained on a mirror image (Dice 0 against the
     right target); labels whose headers differ from the image's by float noise still train."""
@@ -260,9 +279,23 @@ def test_items_with_their_own_labels(datalist: Path) -> None:
         )
     )
     assert dataset_labels(None, path) == {1: "liver", 2: "aorta"}
+    assert dataset_labels("null", path) == dataset_labels("{'1': 'liver', '2': 'aorta'}", path)
+    with pytest.raises(ValueError, match="--labels must map label values to names"):
+        dataset_labels("liver", path)  # was read as "none given": the datalist's names, silently
     path.write_text(json.dumps({"training": [{**training[0], "labels": {"1": "liver"}}, training[1]]}))
     with pytest.raises(ValueError, match="have no 'labels' map"):
         dataset_labels(None, path)
+
+
+def test_absent_labels_as_the_command_line_passes_them() -> None:
+    """``--absent_labels pancreas`` arrives as a string: it trained seven one-letter prompts as "not here"."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundle" / "configs" / "train.json"))
+    for given, expected in (("pancreas", ["pancreas"]), ("['pancreas', 'brain']", ["pancreas", "brain"]), ([], [])):
+        parser["absent_labels"] = given
+        assert parser.get_parsed_content("absent_label_list", lazy=False) == expected
 
 
 def test_loss_ignores_pairs_the_sample_does_not_annotate() -> None:

@@ -105,7 +105,10 @@ def dataset_labels(labels: Mapping | str | None, datalist: Path) -> dict[int, st
     appearance (numbered from 1).
     """
     if isinstance(labels, str):
-        labels = parse_list_argument(f"[{labels}]", "labels")[0] if labels.strip().startswith("{") else None
+        text = labels.strip()
+        if text and text.lower() not in ("none", "null") and not text.startswith("{"):
+            raise ValueError(f"--labels must map label values to names, e.g. \"{{'1': 'liver'}}\", got {labels!r}")
+        labels = parse_list_argument(f"[{text}]", "labels")[0] if text.startswith("{") else None
     if labels is None:
         data = read_datalist(datalist)
         labels = data.get("labels") if isinstance(data, dict) else None

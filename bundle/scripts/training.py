@@ -4,10 +4,9 @@
   box/click rounds for the tracker, loss, backward, step), as the trainer's ``iteration_update``;
 * :func:`param_groups`: the Medical SAM3 recipe's optimiser groups (layer-wise decay over the ViT blocks,
   separate backbone and decoder learning rates, no weight decay on norms and biases);
-* :class:`TrainableCheckpoint`: saves what is trained (all weights in ``full`` mode, only LoRA/adapter weights
-  otherwise, which keeps those files small);
-* :class:`TrainingState`: what ``--resume`` needs to continue a run exactly;
-* :class:`TextPromptValidation`: validation Dice through the inference path, keeping the best weights.
+* :class:`TrainableCheckpoint`: saves what is trained (:func:`trained_state_dict`); :class:`TrainingState`: what
+  ``--resume`` needs to continue a run exactly;
+Validation (:class:`scripts.validation.TextPromptValidation`) scores runs through the inference path.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.utils import CommonKeys
@@ -29,29 +27,23 @@ from .adapters import (
     freeze_for_mode,
     load_adaptation,
 )
-from .checkpoint import load_network, save_checkpoint
+from .checkpoint import TRACKER_PREFIXES, load_network, save_checkpoint
 from .click_training import ClickPromptLoss, ClickSimulation
 from .cpu_compat import device_fallbacks, keep_activations, precision
-from .image_writing import read_labelled
-from .inference import VolumeSegmenter
-from .label_numbering import item_labels
 from .losses import TextPromptLoss
-from .metrics import dice
 from .network import MedSam3
-from .predictor import Medsam3Predictor
-from .prompts import PromptSet, parse_flag
+from .prompts import parse_flag
 from .training_data import batch_prompts, per_query
 
 __all__ = [
     "PromptStep",
-    "TextPromptValidation",
     "TrainableCheckpoint",
     "TrainingState",
     "param_groups",
     "prepare_network",
     "trained_state_dict",
+    "is_main_process",
     "unwrap",
-    "validation_dice",
 ]
 
 logger = logging.getLogger(__name__)
@@ -170,7 +162,7 @@ class TrainableCheckpoint:
         engine.add_event_handler(Events.COMPLETED, self._save)
 
     def _save(self, engine: Engine) -> None:
-        if not _is_main_process():
+        if not is_main_process():
             return
         model = unwrap(engine.network)
         save_checkpoint(
@@ -202,7 +194,7 @@ class TrainingState:
         max_steps: int,
         every: int = 0,
         resume: str = "",
-        validation: TextPromptValidation | None = None,
+        validation: Any = None,  # scripts.validation.TextPromptValidation: its best score is saved and restored
         name: str = "train_state.pt",
     ) -> None:
         self.path = Path(output_dir) / name
@@ -250,7 +242,7 @@ class TrainingState:
         logger.info("Resumed at iteration %d", self.iteration)
 
     def save(self, engine: Engine) -> None:
-        if not _is_main_process():
+        if not is_main_process():
             return
         model = unwrap(engine.network)
         payload = {
@@ -285,8 +277,11 @@ def _read_training_state(path: str, mode: str) -> dict[str, Any]:
 
 
 def trained_state_dict(model: MedSam3, mode: str) -> dict[str, torch.Tensor]:
-    """What ``mode`` trains: every weight in ``full`` mode, the LoRA/adapter tensors otherwise (small files)."""
-    return model.state_dict() if mode == "full" else adaptation_state_dict(model)
+    """What ``mode`` trains: every weight in ``full`` mode, the LoRA/adapter tensors otherwise (small files). A
+    model started without tracker weights saves none: its random tracker would load as one that follows clicks."""
+    if mode != "full":
+        return adaptation_state_dict(model)
+    return {k: v for k, v in model.state_dict().items() if model.interactive or not k.startswith(TRACKER_PREFIXES)}
 
 
 def prepare_network(
@@ -326,75 +321,11 @@ def prepare_network(
     return network
 
 
-class TextPromptValidation:
-    """Every ``every`` iterations: text-prompt each validation volume, log mean Dice, keep the best weights.
-
-    Uses the same inference path as the bundle (:class:`scripts.inference.VolumeSegmenter`), so the number is
-    what users will get; ``model_best.pt`` holds what :class:`TrainableCheckpoint` would save at that point.
-    """
-
-    def __init__(
-        self,
-        items: Sequence[dict[str, Any]],
-        labels: dict[int, str],
-        vocabulary: Any,
-        output_dir: str,
-        mode: str,
-        every: int,
-        score_threshold: float = 0.5,
-    ) -> None:
-        self.items, self.labels, self.vocabulary = list(items), dict(labels), vocabulary
-        self.best_path = Path(output_dir) / "model_best.pt"
-        self.mode, self.every, self.score_threshold = mode, every, score_threshold
-        self.best = -1.0
-        self.history: list[tuple[int, float]] = []
-
-    def attach(self, engine: Engine) -> None:
-        if self.every > 0 and self.items:
-            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every), self)
-
-    def __call__(self, engine: Engine) -> float:
-        if not _is_main_process():
-            return self.best
-        model = unwrap(engine.network)
-        mean = validation_dice(model, self.items, self.labels, self.vocabulary, self.score_threshold)
-        model.train()
-        self.history.append((engine.state.iteration, mean))
-        engine.state.metrics["val_mean_dice"] = mean
-        logger.info("Validation mean Dice %.4f at iteration %d (best %.4f)", mean, engine.state.iteration, self.best)
-        if mean > self.best:
-            self.best = mean
-            TrainableCheckpoint(str(self.best_path.parent), self.mode, name=self.best_path.name)._save(engine)
-        return mean
-
-
-def validation_dice(
-    model: MedSam3,
-    items: Sequence[dict[str, Any]],
-    labels: dict[int, str],
-    vocabulary: Any,
-    score_threshold: float = 0.5,
-) -> float:
-    """Mean text-prompt Dice over every named label of ``items``, through the bundle's inference path: what
-    :class:`TextPromptValidation` scores, so other weights (the served ones) can be scored on the same footing."""
-    segmenter = VolumeSegmenter(Medsam3Predictor(model, score_threshold=score_threshold), vocabulary)
-    scores = []
-    for item in items:
-        values: dict[str, list[int]] = {}
-        for value, name in item_labels(item, labels).items():
-            values.setdefault(name, []).append(value)
-        image, reference = read_labelled(item["image"], item["label"])
-        result = segmenter.segment(image, PromptSet.create(texts=list(values)))
-        for name_values, row in zip(values.values(), result.labels, strict=True):
-            scores.append(dice(result.label == row["index"], np.isin(reference.array, name_values)))
-    return float(sum(scores) / len(scores))
-
-
 def unwrap(network: torch.nn.Module) -> MedSam3:
     """The model inside a DistributedDataParallel wrapper (or the model itself)."""
     return getattr(network, "module", network)
 
 
-def _is_main_process() -> bool:
+def is_main_process() -> bool:
     """Only rank 0 validates and writes checkpoints in multi-GPU runs."""
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0

@@ -2,7 +2,7 @@
 
 Annotators' labels are few and noisy and a short run can overfit or diverge; publishing it regardless would make
 the next click worse for everyone. Both sides are scored by the bundle's own validation
-(:func:`scripts.training.validation_dice`, what the run's ``TextPromptValidation`` uses) on the run's held-out
+(:func:`scripts.validation.validation_dice`, what the run's ``TextPromptValidation`` uses) on the run's held-out
 images: the run by its best validation, the served weights (the published file, else the base checkpoint) once
 before training.
 """
@@ -15,7 +15,7 @@ from typing import Any
 from monai.bundle import ConfigParser
 
 from scripts.checkpoint import load_network
-from scripts.training import validation_dice
+from scripts.validation import validation_dice
 
 from ..published_weights import PublishedWeights
 
