@@ -281,7 +281,8 @@ def trained_state_dict(model: MedSam3, mode: str) -> dict[str, torch.Tensor]:
     model started without tracker weights saves none: its random tracker would load as one that follows clicks."""
     if mode != "full":
         return adaptation_state_dict(model)
-    return {k: v for k, v in model.state_dict().items() if model.interactive or not k.startswith(TRACKER_PREFIXES)}
+    interactive = getattr(model, "interactive", True)  # MedSam3's flag; other modules have no tracker to drop
+    return {k: v for k, v in model.state_dict().items() if interactive or not k.startswith(TRACKER_PREFIXES)}
 
 
 def prepare_network(
