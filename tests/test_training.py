@@ -298,6 +298,32 @@ def test_absent_labels_as_the_command_line_passes_them() -> None:
         assert parser.get_parsed_content("absent_label_list", lazy=False) == expected
 
 
+def test_bad_training_and_validation_items_are_refused_before_training(datalist: Path, tmp_path: Path) -> None:
+    """Validation items were first read at the first validation, after training time, and a crash there lost the
+    resume state; an item without a label was a bare KeyError, ``max_steps`` 0 an empty file name."""
+    from scripts.training import TrainingState
+    from scripts.validation import TextPromptValidation
+
+    items = [
+        {k: str(datalist.parent / v) for k, v in item.items()} for item in json.loads(datalist.read_text())["training"]
+    ]
+    vocabulary, labels = load_vocabulary(), {1: "liver", 2: "spleen"}
+    bad = {
+        "has no 'label' to score against": {"image": items[0]["image"]},
+        "Validation files not found: /nowhere/label.nii.gz": {**items[0], "label": "/nowhere/label.nii.gz"},
+        "names no labels": {**items[0], "labels": {}},
+        "Duplicate text prompts": {**items[0], "labels": {"1": "liver", "2": "Liver"}},
+    }
+    for message, item in bad.items():
+        with pytest.raises(ValueError, match=message):
+            TextPromptValidation([item], labels, vocabulary, str(tmp_path), "full", every=1)
+    with pytest.raises(ValueError, match="has no 'label' map to learn from"):
+        SlicePromptDataset([{"image": items[0]["image"]}], labels, vocabulary, 64, 1)
+    for steps in (0, -5):
+        with pytest.raises(ValueError, match=f"max_steps must be at least 1, got {steps}"):
+            TrainingState(str(tmp_path), "full", steps)
+
+
 def test_loss_ignores_pairs_the_sample_does_not_annotate() -> None:
     outputs = _outputs()
     targets = torch.zeros(2, 32, 32)

@@ -199,6 +199,8 @@ class TrainingState:
     ) -> None:
         self.path = Path(output_dir) / name
         self.mode, self.every, self.validation, self.max_steps = mode, every, validation, max_steps
+        if isinstance(max_steps, bool) or int(max_steps) < 1:
+            raise ValueError(f"max_steps must be at least 1, got {max_steps!r}")
         self.saved: dict[str, Any] | None = _read_training_state(resume, mode) if resume else None
         self.iteration = int(self.saved["iteration"]) if self.saved else 0
         if self.iteration >= max_steps:

@@ -119,6 +119,8 @@ class SlicePromptDataset(Dataset):
         )
 
     def _load(self, item: dict[str, Any], labels: dict[int, str], vocabulary: Vocabulary) -> _Volume:
+        if "label" not in item:
+            raise ValueError(f"Training item {item['image']} has no 'label' map to learn from")
         if not labels:
             raise ValueError(f"{item['label']}: its 'labels' map is empty")
         unknown = sorted(set(labels.values()) - set(self.names))

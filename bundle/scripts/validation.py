@@ -46,6 +46,8 @@ class TextPromptValidation:
         score_threshold: float = 0.5,
     ) -> None:
         self.items, self.labels, self.vocabulary = list(items), dict(labels), vocabulary
+        for item in self.items:  # now, not at the first validation after minutes or hours of training
+            _check_item(item, self.labels)
         self.best_path = Path(output_dir) / "model_best.pt"
         self.mode, self.every, self.score_threshold = mode, every, score_threshold
         self.best = -1.0
@@ -90,3 +92,16 @@ def validation_dice(
         for name_values, row in zip(values.values(), result.labels, strict=True):
             scores.append(dice(result.label == row["index"], np.isin(reference.array, name_values)))
     return float(sum(scores) / len(scores))
+
+
+def _check_item(item: dict[str, Any], labels: dict[int, str]) -> None:
+    """A validation item that validation would fail on: no label, a file missing, no or clashing label names."""
+    if "label" not in item:
+        raise ValueError(f"Validation item {item['image']} has no 'label' to score against")
+    missing = [item[key] for key in ("image", "label") if not Path(item[key]).exists()]
+    if missing:
+        raise ValueError(f"Validation files not found: {', '.join(map(str, missing))}")
+    names = list(dict.fromkeys(item_labels(item, labels).values()))
+    if not names:
+        raise ValueError(f"Validation item {item['label']} names no labels")
+    PromptSet.create(texts=names)  # names that differ only in case or spacing would be one prompt twice
