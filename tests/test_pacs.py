@@ -148,6 +148,28 @@ def _pacs_settings(chain: Chain, tmp_path: Path, monkeypatch, **conf: str) -> Ap
     return AppSettings.from_conf({"dicomweb_user": USER, "dicomweb_password_file": str(password), **conf})
 
 
+def test_odd_pacs_answers_still_list(chain: Chain, tmp_path: Path, monkeypatch, caplog) -> None:
+    """A PACS that ignores QIDO's ``offset`` (it answers the first page again) kept the listing asking for good; a
+    SEG whose metadata names no referenced series failed the labelled-series listing, and with it ``/info``."""
+    from lib import dicomweb
+
+    store = PacsDatastore(chain.pacs.dicomweb, _pacs_settings(chain, tmp_path, monkeypatch), {}, None, str(tmp_path))
+    real_search, asked = store._client.search_for_series, []
+
+    def ignoring_offset(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        asked.append(kwargs)
+        if kwargs.get("search_filters", {}).get("Modality") == "SEG":
+            return [{"0020000E": {"Value": ["1.2.3.4"]}, "0020000D": {"Value": ["1.2.3"]}}]
+        return real_search(search_filters=kwargs.get("search_filters", {}))  # every series, whatever was asked
+
+    monkeypatch.setattr(dicomweb, "PAGE_SIZE", 2)
+    monkeypatch.setattr(store._client, "search_for_series", ignoring_offset)
+    monkeypatch.setattr(store._client, "retrieve_series_metadata", lambda study, series: [])
+    listed = store.list_images()
+    assert set(chain.series.values()) <= set(listed) and len(listed) == len(set(listed)) and len(asked) == 2
+    assert store.get_labeled_images() == [] and "Skipped SEG 1.2.3.4" in caplog.text
+
+
 def test_modalities_option_narrows_the_list(chain: Chain, tmp_path: Path, monkeypatch) -> None:
     """``--conf dicomweb_modalities MR``: only MR series are listed, and a CT series is not served even by its UID,
     whether it is new or was cached before the setting narrowed (the datastore the app builds, in this process)."""

@@ -36,6 +36,7 @@ from monailabel.datastore.utils.convert import binary_to_image
 from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
+from pydicom import Dataset
 
 from scripts.dicom_seg import segments_for, write_seg
 from scripts.dicom_series import NOT_IMAGES
@@ -52,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 SERIES_UID, STUDY_UID, MODALITY = "0020000E", "0020000D", "00080060"
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+PAGE_SIZE, MAX_PAGES = 1000, 1000  # QIDO pages of the series listing, and at most this many
 
 
 @dataclass
@@ -119,8 +121,8 @@ class PacsDatastore(DICOMWebDatastore):
             if self._fresh(self._listing):
                 return self._listing[1]
         series = []
-        for found in self._client.search_for_series(search_filters={}, get_remaining=True):
-            uid = (found.get(SERIES_UID, {}).get("Value") or [""])[0]
+        for found in self._every_series():
+            uid = _value(found, SERIES_UID)
             kind = _modality(found)
             if uid and kind not in NOT_IMAGES and (not self.modalities or kind in self.modalities):
                 series.append(uid)
@@ -128,12 +130,40 @@ class PacsDatastore(DICOMWebDatastore):
             self._listing = (time.monotonic(), series)
         return series
 
+    def _every_series(self) -> list[dict[str, Any]]:
+        """The PACS's series, page by page. dicomweb_client's own paging asks until a page comes back empty, so a
+        PACS that ignores ``offset`` (answering the first page again) kept a request spinning for good; a page
+        shorter than asked, or with nothing new, ends the listing here."""
+        found: dict[str, dict[str, Any]] = {}
+        for _ in range(MAX_PAGES):
+            page = self._client.search_for_series(search_filters={}, limit=PAGE_SIZE, offset=len(found))
+            new = {_value(s, SERIES_UID): s for s in page if _value(s, SERIES_UID) not in found}
+            found.update(new)
+            if len(page) < PAGE_SIZE or not new:
+                return list(found.values())
+        logger.warning("The PACS listed more than %d series: the rest are not offered", len(found))
+        return list(found.values())
+
     def get_labeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
-        """Series with a SEG in the PACS (one metadata request per SEG), cached as the series list is."""
+        """Series with a SEG in the PACS (one metadata request per SEG), cached as the series list is. A SEG whose
+        metadata names no referenced series is skipped with a warning: MONAI Label's listing failed on it, and with
+        it ``/info`` and the datastore for every user."""
         with self._lock:
             if self._fresh(self._labelled):
                 return self._labelled[1]
-        labelled = DICOMWebDatastore.get_labeled_images.__wrapped__(self, label_tag, labels)
+        images, labelled = set(self.list_images()), []
+        for seg in self._client.search_for_series(search_filters={"Modality": "SEG"}):
+            uid = _value(seg, SERIES_UID)
+            try:
+                meta = self._client.retrieve_series_metadata(_value(seg, STUDY_UID), uid)
+                referenced = str(Dataset.from_json(meta[0]).ReferencedSeriesSequence[0].SeriesInstanceUID)
+            except (IndexError, KeyError, AttributeError, TypeError, ValueError) as error:
+                logger.warning("Skipped SEG %s: its metadata names no referenced series (%r)", uid, error)
+                continue
+            if referenced in images:
+                labelled.append(referenced)
+            else:
+                logger.info("SEG %s labels series %s, which this server does not serve", uid, referenced)
         with self._lock:
             self._labelled = (time.monotonic(), labelled)
         return labelled
@@ -190,7 +220,7 @@ class PacsDatastore(DICOMWebDatastore):
         a half-downloaded series in the cache. Files are named by their place in the answer, never by a name the
         PACS gives: MONAI Label's download names them ``<SOPInstanceUID>.dcm``, and a UID such as ``../../x``
         wrote outside the cache."""
-        study = (series.get(STUDY_UID, {}).get("Value") or [""])[0]
+        study = _value(series, STUDY_UID)
         if not _is_uid(study):
             raise ImageNotFoundException(f"The PACS gives series {uid} no valid StudyInstanceUID ({study!r:.80})")
         partial = folder.parent / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"  # removed at start-up if killed
@@ -263,7 +293,12 @@ class PacsDatastore(DICOMWebDatastore):
 
 def _modality(found: dict[str, Any]) -> str:
     """The Modality of a QIDO-RS series result, upper case ('' when the PACS does not say)."""
-    return str((found.get(MODALITY, {}).get("Value") or [""])[0]).upper()
+    return _value(found, MODALITY).upper()
+
+
+def _value(found: dict[str, Any], tag: str) -> str:
+    """The first value of ``tag`` in a DICOM JSON answer ('' when absent)."""
+    return str((found.get(tag, {}).get("Value") or [""])[0])
 
 
 def _is_uid(text: str) -> bool:
