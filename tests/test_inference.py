@@ -115,6 +115,8 @@ def test_clicks_boxes_and_text_on_a_volume(segmenter, phantoms) -> None:
     assert refined.label[12, 15, 5] == 0 and not refined.label[~inside].any()
     with pytest.raises(ValueError, match="Two boxes reach slice"):
         segmenter.segment(volume, PromptSet.create(boxes=[[5, 6, 3, 20, 25, 8], [1, 1, 8, 4, 4, 10]]))
+    with pytest.raises(ValueError, match="Text prompts 'liver' and '1' both name the label 'liver'"):
+        segmenter.segment(volume, PromptSet.create(texts=["liver", "1"]))
     free = segmenter.segment(volume, PromptSet.create(texts=["liver", "a strange blob"]))
     assert (
         free.unknown_prompts == ["a strange blob"] and free.labels[1]["index"] == max(segmenter.vocabulary.by_index) + 1

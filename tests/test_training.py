@@ -222,6 +222,28 @@ def test_full_mode_from_a_detector_only_checkpoint_saves_no_tracker(tmp_path: Pa
     assert any(k.startswith(TRACKER_PREFIXES) for k in trained_state_dict(tiny_model(), "full"))  # a full model: all
 
 
+def test_resuming_restores_this_devices_random_stream_only(tmp_path: Path, monkeypatch) -> None:
+    """A state saved on a machine with more GPUs than this one: every saved CUDA stream was restored by index
+    (an IndexError here); now this process's device takes its own, or the first when it has none."""
+    from types import SimpleNamespace
+
+    from scripts.training import TrainingState
+
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.AdamW(model.parameters())
+    streams = [torch.full((8,), i, dtype=torch.uint8) for i in range(2)]
+    saved = {"weights": model.state_dict(), "optimizer": optimizer.state_dict(), "best_dice": -1.0}
+    saved["rng"] = {"torch": torch.get_rng_state(), "cuda": streams}
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state: restored.append(int(state[0])))
+    for device, expected in ((1, 1), (3, 0)):
+        monkeypatch.setattr(torch.cuda, "current_device", lambda device=device: device)
+        engine = SimpleNamespace(network=model, optimizer=optimizer, state=SimpleNamespace(iteration=0))
+        TrainingState(str(tmp_path), "full", 10)._restore(engine, saved)
+        assert restored[-1] == expected
+
+
 def test_labels_off_their_image_grid_are_refused(tmp_path: Path) -> None:
     """A label stored in another orientation with the same shape trained on a mirror image (Dice 0 against the
     right target); labels whose headers differ from the image's by float noise still train."""

@@ -98,7 +98,14 @@ class VolumeSegmenter:
         return PRESENCE_MARGIN * self.predictor.score_threshold
 
     def resolve(self, prompts: PromptSet) -> list[ResolvedPrompt]:
-        return [self.vocabulary.resolve(text) for text in prompts.texts]
+        """Each text prompt's label; two naming the same label ("liver" and its index "1") are refused, as the
+        label would be listed twice."""
+        resolved = [self.vocabulary.resolve(text) for text in prompts.texts]
+        seen: dict[str, str] = {}
+        for text, entry in zip(prompts.texts, resolved, strict=True):
+            if entry.known and seen.setdefault(entry.name, text) != text:
+                raise ValueError(f"Text prompts {seen[entry.name]!r} and {text!r} both name the label {entry.name!r}")
+        return resolved
 
     def segment(self, image: ImageVolume, prompts: PromptSet) -> SegmentationResult:
         """Segment ``image``; raises ``ValueError`` for prompts that do not fit it."""

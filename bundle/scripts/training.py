@@ -235,8 +235,10 @@ class TrainingState:
         except ValueError as error:
             raise ValueError(f"Cannot resume the optimiser (changed learning-rate settings?): {error}") from error
         torch.set_rng_state(saved["rng"]["torch"])
-        if torch.cuda.is_available() and saved["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+        states = saved["rng"]["cuda"] if torch.cuda.is_available() else []
+        if states:  # this process's device's stream only: the machine may see fewer GPUs than the one that saved
+            device = torch.cuda.current_device()
+            torch.cuda.set_rng_state(states[device] if device < len(states) else states[0])
         if self.validation is not None:
             self.validation.best = float(saved["best_dice"])
         # ignite continues an epoch from state.iteration (modulo epoch_length, which the config sets to max_steps)
