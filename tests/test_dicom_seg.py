@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from scripts.dicom_seg import GENERIC, read_seg, segments_for, write_seg
+from scripts.dicom_seg import GENERIC, read_seg, segments_by_value, segments_for, write_seg
 from scripts.image_io import read_image
 from scripts.phantom import write_phantom
 from scripts.vocabulary import load_vocabulary
@@ -72,3 +72,18 @@ def test_refusals(tmp_path: Path) -> None:
         read_seg(seg, read_image(shifted), VALUES)
     with pytest.raises(ValueError, match="Not a DICOM SEG"):
         read_seg(sorted(folder.iterdir())[0], reference, VALUES)
+
+
+def test_segments_may_share_a_name_or_have_none(tmp_path: Path) -> None:
+    """Slicer may submit two segments called "liver", or one left unnamed: the SEG keeps every value (one name mapped
+    to two values lost one, and the save was refused as unnamed; an empty name was an error)."""
+    folder, label_path = write_phantom(tmp_path, "ct", fmt="dicom", shape=(24, 20, 6), seed=3)
+    reference, label = read_image(folder), read_image(label_path).array.astype(np.uint16)
+    label[label > 3] = 0
+    segments = segments_by_value({1: "liver", 2: "liver", 3: " "}, load_vocabulary())
+    seg = pydicom.dcmread(str(write_seg(label, reference, folder, segments, tmp_path / "s.dcm")))
+    written = [(s.SegmentNumber, s.SegmentLabel) for s in seg.SegmentSequence]
+    assert written == [(1, "liver"), (2, "liver"), (3, "Segment 3")]
+    codes = [s.SegmentedPropertyTypeCodeSequence[0].CodeValue for s in seg.SegmentSequence]
+    assert codes[:2] == ["10200004", "10200004"] and codes[2] == GENERIC.type[0]
+

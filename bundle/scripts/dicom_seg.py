@@ -25,7 +25,7 @@ from .image_io import ImageVolume
 from .image_writing import write_label
 from .vocabulary import SnomedCoding, Vocabulary
 
-__all__ = ["SegmentInfo", "read_seg", "segments_for", "write_seg"]
+__all__ = ["SegmentInfo", "read_seg", "segments_by_value", "segments_for", "write_seg"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +51,16 @@ PALETTE += [(111, 184, 210), (244, 214, 49), (0, 151, 206), (183, 156, 220), (18
 
 
 def segments_for(values: dict[str, int], vocabulary: Vocabulary) -> list[SegmentInfo]:
-    """Segments for ``{name: label value}``: vocabulary codes where the name is a known label, else generic."""
+    """Segments for ``{name: label value}`` (a result's label names): see :func:`segments_by_value`."""
+    return segments_by_value({value: name for name, value in values.items()}, vocabulary)
+
+
+def segments_by_value(names: dict[int, str], vocabulary: Vocabulary) -> list[SegmentInfo]:
+    """Segments for ``{label value: name}``: vocabulary codes where the name is a known label, else generic. Two
+    values may share a name (two Slicer segments called "liver"); a value without a name is "Segment <value>"."""
     segments = []
-    for name, value in sorted(values.items(), key=lambda item: item[1]):
+    for value, name in sorted(names.items()):
+        name = str(name).strip() or f"Segment {value}"
         resolved = vocabulary.resolve(name)
         entry = vocabulary.by_index.get(resolved.index) if resolved.known else None
         color = PALETTE[(int(value) - 1) % len(PALETTE)]

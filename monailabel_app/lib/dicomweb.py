@@ -38,7 +38,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
 from pydicom import Dataset
 
-from scripts.dicom_seg import segments_for, write_seg
+from scripts.dicom_seg import segments_by_value, write_seg
 from scripts.dicom_series import NOT_IMAGES
 from scripts.image_io import ImageVolume, read_image
 from scripts.image_writing import write_image
@@ -282,7 +282,7 @@ class PacsDatastore(DICOMWebDatastore):
         series_dir = Path(self._datastore.image_path()) / image_id
         reference = read_image(series_dir, max_voxels=self.settings.max_voxels)
         named = names_by_value(label_info.get("label_info"), self.label_values)
-        segments = segments_for({name: value for value, name in named.items()}, self.vocabulary)
+        segments = segments_by_value(named, self.vocabulary)
         with tempfile.TemporaryDirectory() as work:
             seg = write_seg(label.array, reference, series_dir, segments, Path(work) / "seg.dcm")
             seg_series = dicom_web_upload_dcm(str(seg), self._client)
