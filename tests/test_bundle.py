@@ -159,6 +159,24 @@ def test_a_folder_run_finds_every_image_read_image_reads(tmp_path: Path) -> None
     assert all(read_image(Path(item["image"])).array.size for item in collect_images(str(images)))
 
 
+def test_evaluation_scores_items_with_their_own_label_values_by_name(tmp_path: Path, caplog) -> None:
+    """An item may number its structures its own way (its ``labels`` map, two values sharing a name): evaluation
+    compared every item with the dataset's values, scoring such an item against the wrong voxels."""
+    from scripts.evaluation import _in_dataset_values
+    from scripts.label_numbering import dataset_labels
+
+    reference = np.array([[0, 3, 4, 9, 1]])
+    item = {"label": "case.nii.gz", "labels": {"3": "liver", "4": "liver", "9": "tumour"}}
+    scored, converted = _in_dataset_values(item, {1: "liver", 2: "spleen"}, reference)
+    assert scored == {1: "liver"} and converted.tolist() == [[0, 1, 1, 0, 0]]  # the spleen: not annotated here
+    assert "labels ['tumour'], which the evaluation does not ask for" in caplog.text
+    plain, same = _in_dataset_values({"label": "b.nii.gz"}, {1: "liver", 2: "spleen"}, reference)
+    assert plain == {1: "liver", 2: "spleen"} and same.tolist() == [[0, 0, 0, 0, 1]]
+    datalist = tmp_path / "testing_only.json"
+    datalist.write_text(json.dumps({"testing": [{"image": "a.nii.gz", "label": "a_label.nii.gz", **item}]}))
+    assert dataset_labels(None, datalist) == {1: "liver", 2: "tumour"}  # testing items' own maps name the labels
+
+
 BAD_REQUESTS = [
     (["--prompts", "[]"], "No prompts given"),
     (["--prompts", "[{'a': 1}]"], "Text prompts must be strings"),

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .clicks import next_click
 from .image_writing import read_labelled
 from .inference import VolumeSegmenter
-from .label_numbering import dataset_labels, renumber
+from .label_numbering import dataset_labels, item_labels, renumber
 from .metrics import dice, evaluate_label_maps, summarise, write_metrics_csv
 from .prompts import PromptSet, parse_flag
 from .runner import datalist_items
@@ -64,9 +64,8 @@ def run_evaluation(
         # The prediction carries vocabulary values, the reference the dataset's: prompt p is reference value p.
         to_reference = {row["index"]: value for value, row in zip(label_map, result.labels, strict=True)}
         predicted = renumber(result.label, to_reference, np.int64)
-        for row in evaluate_label_maps(
-            predicted, reference.array.astype(np.int64), label_map, volume.spacing, tolerance_mm
-        ):
+        scored, in_dataset_values = _in_dataset_values(item, label_map, reference.array)
+        for row in evaluate_label_maps(predicted, in_dataset_values, scored, volume.spacing, tolerance_mm):
             rows.append({"image": item["image"], **row})
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -104,8 +103,8 @@ def run_interactive_evaluation(
     rows = []
     for item in items:
         volume, label = read_labelled(item["image"], item["label"])
-        reference = label.array
-        for value, name in labels.items():
+        scored, reference = _in_dataset_values(item, labels, label.array)
+        for value, name in scored.items():
             target = reference == value
             if not target.any():
                 logger.info("%s has no %s: skipped in the interactive evaluation", item["image"], name)
@@ -117,6 +116,24 @@ def run_interactive_evaluation(
                 rows.append({**base, "clicks": count, "dice": score, "repeated_click": repeated})
     _write(rows, Path(output_dir), clicks)
     return rows
+
+
+def _in_dataset_values(
+    item: dict[str, Any], label_map: dict[int, str], reference: np.ndarray
+) -> tuple[dict[int, str], np.ndarray]:
+    """The labels ``item`` annotates (``{dataset value: name}``) and its reference in the dataset's values. An item
+    may number its structures its own way (its ``labels`` map, two values may share a name): each of its values
+    becomes the dataset's value of the same name, and labels it does not annotate are not scored on it."""
+    own = item_labels(item, label_map)
+    value_of = {name: value for value, name in label_map.items()}
+    unknown = sorted({name for name in own.values() if name not in value_of})
+    if unknown:
+        logger.warning("%s labels %s, which the evaluation does not ask for: not scored", item["label"], unknown)
+    converted = np.zeros(reference.shape, np.int64)
+    for value, name in own.items():
+        if name in value_of:
+            converted[reference == value] = value_of[name]
+    return {value_of[name]: name for name in dict.fromkeys(own.values()) if name in value_of}, converted
 
 
 def _click_session(

@@ -113,7 +113,8 @@ def dataset_labels(labels: Mapping | str | None, datalist: Path) -> dict[int, st
         data = read_datalist(datalist)
         labels = data.get("labels") if isinstance(data, dict) else None
         if labels is None:
-            lists = [data.get(key) or [] for key in ("training", "validation")] if isinstance(data, dict) else [data]
+            keys = ("training", "validation", "testing")
+            lists = [data.get(key) or [] for key in keys] if isinstance(data, dict) else [data]
             items = [item for entries in lists for item in entries if isinstance(item, dict)]
             unnamed = [i.get("label", i.get("image")) for i in items if not i.get("labels")]
             if unnamed and len(unnamed) < len(items):
