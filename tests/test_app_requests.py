@@ -178,6 +178,27 @@ def test_results_wait_in_a_folder_no_other_account_can_write(tmp_path, monkeypat
     model_service._private_results_folder.cache_clear()
 
 
+def test_uncertainty_scoring_keeps_to_the_voxel_limit(tmp_path, caplog) -> None:
+    """Scoring read every unlabelled image whatever its size; one over ``max_voxels`` is skipped, as uploads are."""
+    from types import SimpleNamespace
+
+    from lib.activelearning.uncertainty import UncertaintyScoring
+
+    settings = AppSettings.from_conf(
+        {"model_size": "tiny", "checkpoint": "random", "device": "cpu", "max_voxels": "1000"}
+    )
+    service = ModelService(settings, PublishedWeights(tmp_path / "model"))
+    image, _ = write_phantom(tmp_path, "big", shape=(16, 16, 8))  # 2,048 voxels
+    scored: dict = {}
+    datastore = SimpleNamespace(
+        get_unlabeled_images=lambda: ["big"],
+        get_image_uri=lambda image_id: str(image),
+        update_image_info=lambda image_id, info: scored.update({image_id: info}),
+    )
+    assert UncertaintyScoring(service, ["liver"])({}, datastore) == {} and not scored
+    assert "skipped big: big.nii.gz claims 2,048 voxels" in caplog.text
+
+
 def test_roi_mask() -> None:
     mask = roi_mask([5, 2, 0, 3, 9, 7], (10, 10, 10))  # pairs in either order, as Slicer sends them
     assert mask.sum() == 4 * 4 * 3 and mask[2:6, 0:4, 7:10].all()

@@ -86,4 +86,3 @@ def test_segments_may_share_a_name_or_have_none(tmp_path: Path) -> None:
     assert written == [(1, "liver"), (2, "liver"), (3, "Segment 3")]
     codes = [s.SegmentedPropertyTypeCodeSequence[0].CodeValue for s in seg.SegmentSequence]
     assert codes[:2] == ["10200004", "10200004"] and codes[2] == GENERIC.type[0]
-

@@ -34,7 +34,7 @@ class UncertaintyScoring(ScoringMethod):
         results = {}
         for image_id in datastore.get_unlabeled_images():
             try:
-                image = read_image(datastore.get_image_uri(image_id))
+                image = read_image(datastore.get_image_uri(image_id), max_voxels=self.service.settings.max_voxels)
             except ValueError as error:
                 logger.warning("Uncertainty scoring skipped %s: %s", image_id, error)
                 continue
