@@ -128,6 +128,15 @@ def test_instance_uids_from_the_pacs_never_name_files(chain: Chain) -> None:
     assert not target.with_suffix(".dcm").exists() and not list(chain.root.rglob("planted*"))
 
 
+def test_only_a_seg_is_fetched_as_a_label(chain: Chain) -> None:
+    """MONAI Label's label download fetched any series given as a label id into the label cache (even modalities the
+    server does not serve); only a DICOM SEG is fetched now."""
+    uid = chain.series["mr"]
+    response = requests.get(f"{chain.url}/datastore/label", params={"label": uid, "tag": "final"}, timeout=120)
+    assert response.status_code == 404 and f"No DICOM SEG {uid}" in response.text, response.text[:300]
+    assert not [p for p in (chain.root / "dicom_cache").rglob(uid) if p.parent.name == "final"]
+
+
 def test_installing_the_proxy_again_replaces_it() -> None:
     """MONAI Label's ``/reload`` runs the app's start-up again: the proxy's route must not pile up."""
     from monailabel.app import app as server

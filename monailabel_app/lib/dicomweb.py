@@ -251,11 +251,11 @@ class PacsDatastore(DICOMWebDatastore):
             return local
         if not _is_uid(label_id):
             raise LabelNotFoundException(f"No label {label_id!r:.80}: a PACS label is a SEG's SeriesInstanceUID")
-        found = [f for f in self._client.search_for_series(search_filters={"SeriesInstanceUID": label_id}) if f]
-        if not found or _modality(found[0]) != "SEG":  # any other series would be copied into the label cache
-            raise LabelNotFoundException(f"No DICOM SEG {label_id} in the PACS")
         label_dir = Path(self._datastore.label_path(label_tag)) / label_id
-        if not label_dir.is_dir() or not any(label_dir.iterdir()):
+        if not label_dir.is_dir() or not any(label_dir.iterdir()):  # not downloaded yet: ask the PACS once
+            found = [f for f in self._client.search_for_series(search_filters={"SeriesInstanceUID": label_id}) if f]
+            if not found or _modality(found[0]) != "SEG":  # any other series would be copied into the label cache
+                raise LabelNotFoundException(f"No DICOM SEG {label_id} in the PACS")
             self._download(found[0], label_id, label_dir)
         return super().get_label_uri(label_id, label_tag, image_id)  # converts the SEG it finds downloaded
 
