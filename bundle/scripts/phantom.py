@@ -10,7 +10,7 @@ with the seed. Used by the tests and for demos: ``python -m scripts.phantom --ou
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +119,8 @@ def _anatomy(x: np.ndarray, y: np.ndarray, z: np.ndarray, rng: np.random.Generat
     inner = (x / (axes[0] - 0.08)) ** 2 + ((y + 0.05) / (axes[1] - 0.08)) ** 2 <= 1.0
     label = np.zeros(body.shape, dtype=np.uint8)
     sinus = np.zeros(body.shape, dtype=bool)
-    for organ in (_jitter(organ, rng) for organ in _ORGANS):
+    organs = [_jitter(organ, rng) for organ in _ORGANS]
+    for organ in organs:
         label[_ellipsoid(x, y, z, organ) & inner] = organ.label
         if organ.label in (3, 4):  # renal sinus fat, towards the hilum (the midline)
             hilum = _Ellipsoid(0, (organ.centre[0] * 0.85, *organ.centre[1:]), tuple(np.multiply(organ.radii, 0.45)))
@@ -132,7 +133,23 @@ def _anatomy(x: np.ndarray, y: np.ndarray, z: np.ndarray, rng: np.random.Generat
     label[(vertebral_body & ~discs) | (spinous & ~discs & inner)] = 5
     aorta_radius = 0.065 * rng.uniform(0.9, 1.1)
     label[(x + 0.08 - spine_x) ** 2 + (y + 0.17 - spine_y) ** 2 <= aorta_radius**2] = 6
-    return _Anatomy(label, body, body & ~inner, sinus, vertebral_body & discs)
+    visceral_fat = _visceral_fat(x, y, z, organs, rng) & inner & (label == 0)
+    return _Anatomy(label, body, (body & ~inner) | visceral_fat, sinus, vertebral_body & discs)
+
+
+def _visceral_fat(x: np.ndarray, y: np.ndarray, z: np.ndarray, organs: list[_Ellipsoid], rng: np.random.Generator):
+    """Perirenal fat round each kidney and a thinner, sometimes absent, rim round the spleen.
+
+    In unenhanced CT the kidneys and spleen are within a noise level of the muscle around them; in patients it is
+    the fat round them that outlines them, and without it their CT boundaries could not be seen at all.
+    """
+    margins = {2: (0.0, 0.05), 3: (0.04, 0.12), 4: (0.04, 0.12)}  # grown radii, in half fields of view
+    fat = np.zeros(np.broadcast_shapes(x.shape, y.shape, z.shape), dtype=bool)
+    for organ in organs:
+        if organ.label in margins:
+            grown = tuple(np.add(organ.radii, rng.uniform(*margins[organ.label])))
+            fat |= _ellipsoid(x, y, z, replace(organ, radii=grown))
+    return fat
 
 
 def _intensities(anatomy: _Anatomy, contrast: _Contrast, rng: np.random.Generator) -> np.ndarray:
