@@ -1,4 +1,5 @@
-"""Benchmark: seconds per click request on the demo model, ``click_refinement`` ``tracker``, ``instances`` and ``auto``.
+"""Benchmark: seconds per click request on the demo model, ``click_refinement`` ``tracker``, ``instances``, ``auto``,
+and ``instances`` with demo.json's ``click_radius_mm``.
 
     .venv/bin/python bench/bench_clicks.py --output bench/results/clicks_demo_cpu.json
 
@@ -40,6 +41,7 @@ from scripts.vocabulary import load_vocabulary  # noqa: E402
 DEMO = REPO / "bundle" / "models" / "demo_tiny.pt"
 DEMO_CONFIG = json.loads((REPO / "bundle" / "configs" / "demo.json").read_text())
 OPTIONS = {key: DEMO_CONFIG[key] for key in ("score_threshold", "score_smoothing")}  # as demo.json
+RADIUS = DEMO_CONFIG["click_radius_mm"]  # demo.json's: the image redraws the boundary near each click
 
 
 def _requests(segmenter: VolumeSegmenter, folder: Path, with_text: bool) -> list[tuple[int, float]]:
@@ -72,17 +74,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         write_held_out_dataset(folder)
-        for mode in ("tracker", "instances", "auto"):
+        for mode, radius in (("tracker", 0.0), ("instances", 0.0), ("auto", 0.0), ("instances", RADIUS)):
             segmenter = VolumeSegmenter(
                 Medsam3Predictor(model, **OPTIONS),
                 vocabulary,
                 cache=EncodingCache(2**30),
                 click_refinement=mode,
+                click_radius_mm=radius,
             )
             for with_text in (True, False):
                 timed = _requests(segmenter, folder, with_text)
                 seconds = [s for _, s in timed]
-                key = f"{mode}, {'with text' if with_text else 'clicks alone'}"
+                redraw = f" + click_radius_mm {radius:g}" if radius else ""
+                key = f"{mode}{redraw}, {'with text' if with_text else 'clicks alone'}"
                 results[key] = {
                     "requests": len(seconds),
                     "median_s": round(statistics.median(seconds), 3),

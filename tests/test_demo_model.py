@@ -60,13 +60,18 @@ def test_the_demo_model_is_the_committed_file() -> None:
 
 
 def test_text_prompts_segment_held_out_organs(with_text: dict) -> None:
-    """Regression floor of the shipped demo model (measured 2026-12-01, session 4: 6500 steps on 100 phantoms, with
-    demo.json's score_threshold 0.5 and score_smoothing 3: liver 0.92, spleen 0.71, right kidney 0.75, left kidney
-    0.82, mean 0.799; without the smoothing 0.775, left kidney 0.77). The targets of issue #9 are in
-    ``test_the_demo_model_meets_the_text_and_click_targets``."""
+    """Regression floor of the shipped demo model (measured 2026-12-02, session 8: 6500 steps on 100 phantoms whose
+    kidneys and spleen are outlined by fat, with demo.json's score_threshold 0.5 and score_smoothing 3: liver 0.913,
+    spleen 0.733, right kidney 0.883, left kidney 0.913, mean 0.861)."""
     dice = {name: with_text[name]["dice_mean"] for name in LABELS.values()}
-    assert dice["liver"] >= 0.88 and dice["spleen"] >= 0.68, dice
-    assert dice["right kidney"] >= 0.72 and dice["left kidney"] >= 0.79 and _mean(with_text, "dice_mean") >= 0.78, dice
+    assert dice["liver"] >= 0.88 and dice["spleen"] >= 0.7, dice
+    assert dice["right kidney"] >= 0.85 and dice["left kidney"] >= 0.88, dice
+
+
+def test_the_demo_model_meets_the_text_and_click_targets(with_text: dict) -> None:
+    """Issue #9's targets: mean Dice of liver, spleen and kidneys at least 0.85 with text, and at least 0.9 after 5
+    clicks with text (0.861 and 0.904 on 2026-12-02)."""
+    assert _mean(with_text, "dice_mean") >= 0.85 and _mean(with_text, "dice_5_clicks") >= 0.9
 
 
 def _assert_clicks_refine(curve: list[float], text: float) -> None:
@@ -76,16 +81,26 @@ def _assert_clicks_refine(curve: list[float], text: float) -> None:
 
 
 def test_clicks_refine_the_text_result(with_text: dict) -> None:
-    """Measured 2026-12-01, session 4, with ``click_refinement: instances`` (demo.json): text 0.799, then 0.798 /
-    0.815 / 0.817 after 1 / 3 / 5 clicks. Clicks pick only instances scoring at least half the threshold: without
-    that floor the detector's unused queries (scores near 0.001) held a blob under a click beside the right kidney,
-    carried over every slice, and the curve fell to 0.737 / 0.713."""
+    """Measured 2026-12-02, session 8, with demo.json (``click_refinement: instances``, ``click_radius_mm`` 6): text
+    0.861, then 0.862 / 0.887 / 0.904 after 1 / 3 / 5 clicks. Clicks pick only instances scoring at least half the
+    threshold: without that floor the detector's unused queries (scores near 0.001) held a blob under a click beside
+    the right kidney, carried over every slice, and the curve fell (0.737 / 0.713 on an earlier model)."""
     curve = [_mean(with_text, f"dice_{count}_clicks") for count in (1, 3, 5)]
     _assert_clicks_refine(curve, _mean(with_text, "dice_mean"))
     for name in LABELS.values():
         text = with_text[name]["dice_mean"]
         assert all(with_text[name][f"dice_{count}_clicks"] >= text - 0.05 for count in (1, 3, 5)), with_text[name]
         assert with_text[name]["dice_5_clicks"] >= text - 0.01, with_text[name]
+
+
+def test_clicks_redraw_the_boundary_near_them(held_out: Path, with_text: dict) -> None:
+    """What ``click_radius_mm`` (demo.json: 6) adds: without it the clicks only choose among the detector's instances,
+    which already hold the organs, and each click changes little more than its own voxel (0.862 / 0.864 after 3 / 5
+    clicks on 2026-12-02, against 0.887 / 0.904 with it)."""
+    instances_only = _evaluate(held_out, "instances_only", "--click_radius_mm", "0", "--interactive_clicks", "[3, 5]")
+    for count, gain in ((3, 0.015), (5, 0.03)):
+        with_radius, without = _mean(with_text, f"dice_{count}_clicks"), _mean(instances_only, f"dice_{count}_clicks")
+        assert with_radius >= without + gain, (count, with_radius, without)
 
 
 def test_auto_clicks_refine_where_the_tracker_never_learnt_them(held_out: Path, with_text: dict) -> None:
@@ -126,15 +141,6 @@ def test_clicks_alone_name_structures_read_in_another_window(held_out: Path) -> 
     for case in ("ct_lps", "ct_psr", "mr_ila"):
         image = f"{case}.nii.gz"
         assert dice[(image, "aorta", 1)] >= 0.85 and dice[(image, "vertebrae", 3)] >= 0.6, dice
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue #9's targets are not met yet: held-out text Dice 0.80 (target 0.85), Dice after 5 clicks with text "
-    "0.82 (target 0.9) (docs/benchmarks.md, 'The demo model')",
-)
-def test_the_demo_model_meets_the_text_and_click_targets(with_text: dict) -> None:
-    assert _mean(with_text, "dice_mean") >= 0.85 and _mean(with_text, "dice_5_clicks") >= 0.9
 
 
 def test_presence_gating_leaves_every_label_map_unchanged(held_out: Path) -> None:

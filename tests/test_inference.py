@@ -142,11 +142,35 @@ def test_clicks_choosing_the_detectors_instances_in_2d_and_3d(segmenter, phantom
         VolumeSegmenter(segmenter.predictor, segmenter.vocabulary, click_refinement="both")
 
 
+@pytest.mark.parametrize("code", ["LPS", "png"])
+def test_the_image_redraws_only_near_the_clicks(segmenter, phantoms, code: str) -> None:
+    """``click_radius_mm``: voxels farther than the radius from every click keep the model's answer, clicked voxels
+    are what the click says; its Dice is tested on the demo model. Negative or non-numeric radii are refused."""
+    image = read_image(phantoms[code][0])
+    points = [[30, 20], [34, 24]] if image.is_2d else [[12, 20, 6], [14, 22, 6]]
+    prompts = PromptSet.create(texts=["liver"], points=points, point_labels=[1, 0])
+    redraw = VolumeSegmenter(segmenter.predictor, segmenter.vocabulary, click_refinement="tracker", click_radius_mm=4)
+    plain, redrawn = segmenter.segment(image, prompts).label, redraw.segment(image, prompts)
+    spacing = np.asarray(image.spacing)
+    grid = np.indices(plain.shape).reshape(plain.ndim, -1).T
+    near = np.zeros(len(grid), dtype=bool)
+    for point in points:
+        near |= (((grid - point) * spacing) ** 2).sum(axis=1) <= 16
+    near = near.reshape(plain.shape)
+    changed = redrawn.label != plain
+    assert changed.any() and not changed[~near].any() and "click_boundaries" in redrawn.timings
+    assert redrawn.label[tuple(points[0])] > 0 and redrawn.label[tuple(points[1])] == 0
+    for bad in (-1.0, float("nan"), "6"):
+        with pytest.raises(ValueError, match="click_radius_mm must be a distance"):
+            VolumeSegmenter(segmenter.predictor, segmenter.vocabulary, click_radius_mm=bad)
+
+
 def test_a_click_session_names_its_structure_once(segmenter, phantoms, monkeypatch) -> None:
     """Clicks alone ask every vocabulary prompt on the first foreground click's slice to name the structure. Slicer
     sends all of a session's clicks with each request, so the later requests reuse that answer and ask the followed
-    prompt only, with the label map of a segmenter that asks again. A new foreground click on that slice, or an
-    edited image file, asks again."""
+    prompt only, with the label map of a segmenter that asks again. Only the first foreground click names the
+    structure: a later one on the same slice does not ask again; another first click, or an edited image file,
+    does."""
     predictor, vocabulary = segmenter.predictor, segmenter.vocabulary
     session, fresh = (VolumeSegmenter(predictor, vocabulary, click_refinement="instances") for _ in range(2))
     asked: list[str] = []
@@ -163,14 +187,18 @@ def test_a_click_session_names_its_structure_once(segmenter, phantoms, monkeypat
     everything = set(asked)
     assert len(everything) > 50  # the whole vocabulary, canonical prompts
     followed = {prompt for prompt in everything if asked.count(prompt) > 1}  # the lookup, then the refinement
-    for points, labels in (([[12, 20, 6], [5, 5, 3]], [1, 0]), ([[12, 20, 6], [5, 5, 3], [20, 12, 9]], [1, 0, 1])):
+    for points, labels in (
+        ([[12, 20, 6], [5, 5, 3]], [1, 0]),
+        ([[12, 20, 6], [5, 5, 3], [20, 12, 9]], [1, 0, 1]),
+        ([[12, 20, 6], [14, 18, 6]], [1, 1]),
+    ):
         prompts = PromptSet.create(points=points, point_labels=labels)
         asked.clear()
         later = session.segment(image, prompts).label
         assert set(asked) == followed
         np.testing.assert_array_equal(later, fresh.segment(image, prompts).label)
     asked.clear()
-    session.segment(image, PromptSet.create(points=[[12, 20, 6], [14, 18, 6]], point_labels=[1, 1]))
+    session.segment(image, PromptSet.create(points=[[14, 18, 6], [12, 20, 6]], point_labels=[1, 1]))
     assert set(asked) == everything
     asked.clear()
     edited = Path(phantoms["LPS"][0])

@@ -30,6 +30,7 @@ FLOORS = {
         "lr_schedule",
         "presence_pass",
         "click_selection",
+        "click_boundaries",
         "low_res_grid",
         "volume_encoding",
     },

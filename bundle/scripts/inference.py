@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .click_boundaries import redraw_near_clicks
 from .click_selection import build_from_clicks, follows_clicks, refine_with_instances, structure_under_clicks
 from .encoding_cache import EncodingCache, image_key
 from .image_io import ImageVolume
@@ -72,6 +73,7 @@ class VolumeSegmenter:
         modality: str = "auto",
         cache: EncodingCache | None = None,
         click_refinement: str = "auto",
+        click_radius_mm: float = 0.0,
     ) -> None:
         if modality not in ("auto", "CT", "MR"):
             raise ValueError(f"modality must be 'auto', 'CT' or 'MR', got {modality!r}")
@@ -79,7 +81,10 @@ class VolumeSegmenter:
             raise ValueError(
                 f"click_refinement must be one of {', '.join(CLICK_REFINEMENTS)}, got {click_refinement!r}"
             )
+        if not isinstance(click_radius_mm, (int, float)) or not 0 <= click_radius_mm < float("inf"):
+            raise ValueError(f"click_radius_mm must be a distance of 0 mm or more, got {click_radius_mm!r}")
         self.click_refinement = click_refinement
+        self.click_radius_mm = float(click_radius_mm)  # how near a click the image may redraw the boundary; 0: off
         self.predictor = predictor
         self.vocabulary = vocabulary
         self.plane = plane
@@ -131,7 +136,7 @@ class VolumeSegmenter:
                 if entry
                 else functools.partial(self._name_under_clicks, image, view, modality, memo)
             )
-            results = [self._geometric(encoding, view, prompts, initial, follow, image.is_2d)]
+            results = [self._geometric(encoding, view, prompts, initial, follow)]
             (value,) = vocabulary_values([entry or UNNAMED_OBJECT], self.vocabulary)
             rows = [self._row(entry, results[0], "clicks" if len(prompts.points) else "boxes", value=value)]
         else:
@@ -141,10 +146,18 @@ class VolumeSegmenter:
             values = vocabulary_values(resolved, self.vocabulary)
             rows = [self._row(e, r, "text", value=v) for e, r, v in zip(resolved, results, values, strict=True)]
         label_view = self.predictor.label_map(encoding, results, [row["index"] for row in rows])
+        if len(prompts.points) and self.click_radius_mm > 0:  # the image redraws the boundary near each click
+            with timer.stage("click_boundaries"):
+                intensities = view.to_view(image.array.mean(axis=-1) if image.is_rgb else image.array)
+                points = view.points_to_view(prompts.points_3d())
+                near = redraw_near_clicks(
+                    intensities, label_view > 0, points, prompts.point_labels, view.spacing, self.click_radius_mm
+                )
+            label_view = np.where(near, rows[0]["index"], 0).astype(label_view.dtype)
         if len(prompts.boxes):  # masks upsampled from the low-resolution grid reach up to a cell past a box's edge
-            label_view[~view.to_view(_inside_boxes(prompts.boxes, view.source_shape))] = 0
+            label_view[~view.to_view(prompts.inside_boxes(view.source_shape))] = 0
         if len(prompts.points):  # a click states what its voxel is: foreground clicks in, background clicks out
-            clicked = view.points_to_view(_as_3d(prompts.points, image.is_2d))
+            clicked = view.points_to_view(prompts.points_3d())
             label_view[tuple(clicked.T)] = np.where(prompts.point_labels == 1, rows[0]["index"], 0)
         label = view.from_view(label_view)
         if image.is_2d:
@@ -191,10 +204,9 @@ class VolumeSegmenter:
         prompts: PromptSet,
         initial: PromptResult | None,
         follow: FollowedPrompt,
-        is_2d: bool,
     ) -> PromptResult:
         if len(prompts.boxes):
-            boxes = _as_3d(prompts.boxes, is_2d, pairs=True)
+            boxes = prompts.boxes_3d()
             per_slice: dict[int, tuple[int, int, int, int]] = {}
             for d0, h0, w0, d1, h1, w1 in view.boxes_to_view(boxes):
                 for d in range(int(d0), int(d1) + 1):
@@ -208,7 +220,7 @@ class VolumeSegmenter:
             if not len(prompts.points):
                 return result
             initial = result
-        points = view.points_to_view(_as_3d(prompts.points, is_2d))
+        points = view.points_to_view(prompts.points_3d())
         labels = np.asarray(prompts.point_labels)
         cells = pixel_cells(points, encoding.height, encoding.width, self.predictor.low_res)
         if self.click_refinement == "instances" and not len(prompts.boxes):
@@ -258,19 +270,19 @@ class VolumeSegmenter:
         cells: np.ndarray,
         labels: np.ndarray,
     ) -> tuple[str, VolumeEncoding] | None:
-        """The vocabulary prompt whose instance holds the foreground clicks on the first one's slice, and the
-        encoding of its intensity preset; remembered for the later requests of the same click session."""
-        foreground = labels == 1
-        index = int(cells[foreground][0, 0])
-        on_slice = tuple(tuple(int(v) for v in cell) for cell in cells[foreground] if cell[0] == index)
-        key = image_key(image.path, view.plane, modality, image.array.shape, on_slice)
+        """The vocabulary prompt whose instance holds the first foreground click, and the encoding of its intensity
+        preset; remembered for the later requests of the same click session. Only the first click names: later
+        ones correct, and a correction at the structure's edge is often also inside its neighbour."""
+        first = cells[labels == 1][:1]
+        index = int(first[0, 0])
+        key = image_key(image.path, view.plane, modality, image.array.shape, tuple(int(v) for v in first[0]))
         presets = self._presets(image, modality)
         kept = _on_disk(image)  # an image made in memory has no file to key it by: looked up every time
         with self._named_lock:
             known = kept and key in self._named
             text = self._named.get(key)
         if not known:
-            text = self._look_up_structure(image, view, presets, memo, cells[foreground], index)
+            text = self._look_up_structure(image, view, presets, memo, first, index)
             if kept:
                 with self._named_lock:
                     self._named[key] = text
@@ -292,8 +304,8 @@ class VolumeSegmenter:
         self, image: ImageVolume, view: SliceView, presets: dict[str, dict], memo: dict, cells: np.ndarray, index: int
     ) -> str | None:
         """Ask every vocabulary prompt, each in its own preset (the bone window for the vertebrae, the vessel window
-        for the aorta), on the foreground clicks' slice ``index``; :func:`structure_under_clicks` picks the answer.
-        Only the batch of slices holding ``index`` is encoded per preset."""
+        for the aorta), on the first foreground click's slice ``index``; :func:`structure_under_clicks` picks the
+        answer. Only the batch of slices holding ``index`` is encoded per preset."""
         groups: dict[str, tuple[dict, list[str]]] = {}
         for prompt, preset in presets.items():
             groups.setdefault(repr(sorted(preset.items())), (preset, []))[1].append(prompt)
@@ -372,29 +384,9 @@ class VolumeSegmenter:
         }
 
 
-def _inside_boxes(boxes: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """The voxels (pixels) of the image as stored inside any of the inclusive ``boxes``."""
-    inside = np.zeros(shape, dtype=bool)
-    half = boxes.shape[1] // 2
-    for box in boxes:
-        low, high = np.minimum(box[:half], box[half:]), np.maximum(box[:half], box[half:])
-        inside[tuple(slice(int(a), int(b) + 1) for a, b in zip(low, high, strict=True))] = True
-    return inside
-
-
 def _on_disk(image: ImageVolume) -> bool:
     return str(image.path) not in ("", ".") and image.path.exists()
 
 
 def _encoding_key(image: ImageVolume, view: SliceView, preset: dict) -> tuple:
     return image_key(image.path, view.plane, repr(sorted(preset.items())), image.array.shape)
-
-
-def _as_3d(coords: np.ndarray, is_2d: bool, pairs: bool = False) -> np.ndarray:
-    """2D (row, col) coordinates become (0, row, col) in the single-slice view of a picture."""
-    if not is_2d:
-        return coords
-    zeros = np.zeros((len(coords), 1), dtype=coords.dtype)
-    if pairs:
-        return np.concatenate([zeros, coords[:, :2], zeros, coords[:, 2:]], axis=1)
-    return np.concatenate([zeros, coords], axis=1)

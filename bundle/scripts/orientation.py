@@ -71,6 +71,11 @@ class SliceView:
     def is_2d(self) -> bool:
         return self.plane == "2d"
 
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Millimetres per view axis (d, h, w); a picture's single slice counts as 1 mm thick."""
+        return tuple(float(s) for s in np.linalg.norm(self.view_affine[:3, :3], axis=0))
+
     def to_view(self, array: np.ndarray) -> np.ndarray:
         """Source array (spatial axes first, then optional channels) -> contiguous D x H x W (x channels)."""
         array = np.asarray(array)

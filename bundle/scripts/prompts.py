@@ -93,6 +93,22 @@ class PromptSet:
             return int(self.boxes.shape[1] // 2)
         return None
 
+    def points_3d(self) -> np.ndarray:
+        """N x 3 click indices: a picture's (row, column) becomes (0, row, column), as in its single-slice view."""
+        return _as_3d(self.points, 2)
+
+    def boxes_3d(self) -> np.ndarray:
+        """M x 6 inclusive boxes, a picture's as those of its single-slice view (see :meth:`points_3d`)."""
+        return _as_3d(self.boxes, 4)
+
+    def inside_boxes(self, shape: Sequence[int]) -> np.ndarray:
+        """Which voxels (pixels) of an image of spatial ``shape`` lie inside any of the boxes."""
+        inside = np.zeros(tuple(shape), dtype=bool)
+        half = self.boxes.shape[1] // 2
+        for box in self.boxes:
+            inside[tuple(slice(int(a), int(b) + 1) for a, b in zip(box[:half], box[half:], strict=True))] = True
+        return inside
+
     def check_inside(self, shape: Sequence[int]) -> None:
         """Raise when a point or box lies outside an image of the given spatial ``shape``."""
         ndim = self.ndim
@@ -112,6 +128,16 @@ class PromptSet:
                 raise ValueError(f"Box {box.tolist()} has a start corner after its end corner")
             if (low < 0).any() or (high >= upper).any():
                 raise ValueError(f"Box {box.tolist()} is outside the image (shape {tuple(shape)})")
+
+
+def _as_3d(coords: np.ndarray, picture_width: int) -> np.ndarray:
+    """Picture coordinates (rows ``picture_width`` wide: 2 for points, 4 for boxes) with a zero slice index before
+    each corner; volume coordinates as they are."""
+    if coords.shape[1] != picture_width:
+        return coords
+    zeros = np.zeros((len(coords), 1), dtype=coords.dtype)
+    corners = np.split(coords, coords.shape[1] // 2, axis=1)
+    return np.concatenate([part for corner in corners for part in (zeros, corner)], axis=1)
 
 
 def _texts(texts: Sequence[str | int] | str | None) -> tuple[str, ...]:
