@@ -70,3 +70,30 @@ def test_a_picture_is_one_slice() -> None:
     mask = ndimage.binary_dilation(truth[0], iterations=2)[None]
     redrawn = redraw_near_clicks(image, mask, np.array([(0, 8, 20)]), np.array([0]), (1.0, 1.0, 1.0), 6.0)
     assert redrawn[0, 8, 20] == 0 and redrawn[0, 9, 20] == 0 and redrawn[0, 11, 20] == 1
+
+
+def test_a_flat_image_shows_no_boundary_to_move_to() -> None:
+    """Padding or air: constant intensities give the walker nothing to weigh (it would answer NaN, read as
+    foreground), so the result stays, but for the clicked voxels themselves."""
+    mask = np.zeros((5, 30, 30), dtype=bool)
+    mask[:, :, :15] = True
+    flat = np.zeros(mask.shape, dtype=np.float32)
+    for label in (0, 1):
+        point = (2, 15, 13 if label == 0 else 17)
+        redrawn = redraw_near_clicks(flat, mask, np.array([point]), np.array([label]), (1.0, 1.0, 1.0), 6.0)
+        expected = mask.copy()
+        expected[point] = bool(label)
+        np.testing.assert_array_equal(redrawn, expected)
+
+
+def test_each_group_is_solved_as_if_alone() -> None:
+    """Two neighbourhoods that do not touch, one reaching into the other's box: each group's voxels come out as
+    its clicks alone would make them, whatever the order the groups are solved in."""
+    image, truth = _square()
+    mask = ndimage.binary_dilation(truth, IN_PLANE, iterations=2)
+    points, labels = np.array([(4, 12, 12), (4, 24, 21)]), np.array([0, 1])
+    together = redraw_near_clicks(image, mask, points, labels, SPACING, 6.0)
+    for i, point in enumerate(points):
+        alone = redraw_near_clicks(image, mask, points[i : i + 1], labels[i : i + 1], SPACING, 6.0)
+        near = _within(mask.shape, tuple(point), 6.0)
+        np.testing.assert_array_equal(together[near], alone[near])

@@ -160,7 +160,7 @@ def test_the_image_redraws_only_near_the_clicks(segmenter, phantoms, code: str) 
     changed = redrawn.label != plain
     assert changed.any() and not changed[~near].any() and "click_boundaries" in redrawn.timings
     assert redrawn.label[tuple(points[0])] > 0 and redrawn.label[tuple(points[1])] == 0
-    for bad in (-1.0, float("nan"), "6"):
+    for bad in (-1.0, float("nan"), float("inf"), "6", True):
         with pytest.raises(ValueError, match="click_radius_mm must be a distance"):
             VolumeSegmenter(segmenter.predictor, segmenter.vocabulary, click_radius_mm=bad)
 

@@ -6,7 +6,7 @@ nothing else. Here every voxel within ``radius_mm`` of a click is decided again 
 (scikit-image) on the image intensities, seeded by the clicks and, at the edge of that neighbourhood, by the current
 result: the boundary near a click moves to where the image changes. Voxels farther from every click keep the
 result, so a click never reaches slices away from it. Each group of touching neighbourhoods is solved in its own
-bounding box, so the cost follows the number of clicks, not the image size.
+bounding box, so the walker's cost follows the clicks, not the image size.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def redraw_near_clicks(
     result = mask.copy()
     result[tuple(points.T)] = is_foreground
     groups, _ = ndimage.label(near, structure=np.ones((3, 3, 3)))
-    for box in ndimage.find_objects(groups):
+    for group, box in enumerate(ndimage.find_objects(groups), start=1):
         box = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(box, mask.shape, strict=True))
         inner = mask[box]
         seeds = np.where(inner, 1, 2).astype(np.int32)
@@ -59,18 +59,21 @@ def redraw_near_clicks(
         depth = np.inf  # no boundary in the box
         if inner.any() and not inner.all():
             depth = np.maximum(*(ndimage.distance_transform_edt(m, sampling=spacing) for m in (inner, ~inner)))
-        seeds[near[box] | (depth <= radius_mm / 2)] = 0
+        own = groups[box] == group  # another group's voxels may reach the box: they stay seeded, and unwritten
+        seeds[own | (depth <= radius_mm / 2)] = 0
         local = points - [s.start for s in box]
         held = ((local >= 0) & (local < seeds.shape)).all(axis=1)
         seeds[tuple(local[held].T)] = np.where(is_foreground[held], 1, 2)
         if not (seeds == 1).any() or not (seeds == 2).any():
             continue  # one side only: nothing for the walker to weigh
         values = image[box].astype(np.float32)
-        values = (values - np.median(values)) / (values.std() + 1e-6)
+        if np.ptp(values) == 0:
+            continue  # a flat image (padding, air) shows no boundary to move to
+        values = (values - np.median(values)) / values.std()
         with warnings.catch_warnings():  # the iterative solver's probabilities stray a little outside [0, 1]
             warnings.filterwarnings("ignore", message="The probability range is outside", category=UserWarning)
             walked = random_walker(values, seeds, beta=_BETA, mode="cg_j", tol=1e-3, spacing=spacing / spacing.min())
-        redrawn = near[box] & (seeds == 0)
+        redrawn = own & (seeds == 0)
         result[box][redrawn] = walked[redrawn] == 1
     return result
 

@@ -81,7 +81,8 @@ class VolumeSegmenter:
             raise ValueError(
                 f"click_refinement must be one of {', '.join(CLICK_REFINEMENTS)}, got {click_refinement!r}"
             )
-        if not isinstance(click_radius_mm, (int, float)) or not 0 <= click_radius_mm < float("inf"):
+        is_number = isinstance(click_radius_mm, (int, float)) and not isinstance(click_radius_mm, bool)
+        if not (is_number and 0 <= click_radius_mm < float("inf")):
             raise ValueError(f"click_radius_mm must be a distance of 0 mm or more, got {click_radius_mm!r}")
         self.click_refinement = click_refinement
         self.click_radius_mm = float(click_radius_mm)  # how near a click the image may redraw the boundary; 0: off
@@ -146,6 +147,10 @@ class VolumeSegmenter:
             values = vocabulary_values(resolved, self.vocabulary)
             rows = [self._row(e, r, "text", value=v) for e, r, v in zip(resolved, results, values, strict=True)]
         label_view = self.predictor.label_map(encoding, results, [row["index"] for row in rows])
+        boxed = np.bool_(True)  # no box: everywhere
+        if len(prompts.boxes):  # masks upsampled from the low-resolution grid reach up to a cell past a box's edge
+            boxed = view.to_view(prompts.inside_boxes(view.source_shape))
+            label_view[~boxed] = 0
         if len(prompts.points) and self.click_radius_mm > 0:  # the image redraws the boundary near each click
             with timer.stage("click_boundaries"):
                 intensities = view.to_view(image.array.mean(axis=-1) if image.is_rgb else image.array)
@@ -153,9 +158,8 @@ class VolumeSegmenter:
                 near = redraw_near_clicks(
                     intensities, label_view > 0, points, prompts.point_labels, view.spacing, self.click_radius_mm
                 )
-            label_view = np.where(near, rows[0]["index"], 0).astype(label_view.dtype)
-        if len(prompts.boxes):  # masks upsampled from the low-resolution grid reach up to a cell past a box's edge
-            label_view[~view.to_view(prompts.inside_boxes(view.source_shape))] = 0
+            label_view[near & boxed] = rows[0]["index"]
+            label_view[~near] = 0
         if len(prompts.points):  # a click states what its voxel is: foreground clicks in, background clicks out
             clicked = view.points_to_view(prompts.points_3d())
             label_view[tuple(clicked.T)] = np.where(prompts.point_labels == 1, rows[0]["index"], 0)
