@@ -151,17 +151,16 @@ class VolumeSegmenter:
         if len(prompts.boxes):  # masks upsampled from the low-resolution grid reach up to a cell past a box's edge
             boxed = view.to_view(prompts.inside_boxes(view.source_shape))
             label_view[~boxed] = 0
-        if len(prompts.points) and self.click_radius_mm > 0:  # the image redraws the boundary near each click
+        clicked = view.points_to_view(prompts.points_3d())
+        if len(clicked) and self.click_radius_mm > 0:  # the image redraws the boundary near each click
             with timer.stage("click_boundaries"):
                 intensities = view.to_view(image.array.mean(axis=-1) if image.is_rgb else image.array)
-                points = view.points_to_view(prompts.points_3d())
                 near = redraw_near_clicks(
-                    intensities, label_view > 0, points, prompts.point_labels, view.spacing, self.click_radius_mm
+                    intensities, label_view > 0, clicked, prompts.point_labels, view.spacing, self.click_radius_mm
                 )
             label_view[near & boxed] = rows[0]["index"]
             label_view[~near] = 0
-        if len(prompts.points):  # a click states what its voxel is: foreground clicks in, background clicks out
-            clicked = view.points_to_view(prompts.points_3d())
+        if len(clicked):  # a click states what its voxel is: foreground clicks in, background clicks out
             label_view[tuple(clicked.T)] = np.where(prompts.point_labels == 1, rows[0]["index"], 0)
         label = view.from_view(label_view)
         if image.is_2d:
