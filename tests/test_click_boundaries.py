@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from scripts.click_boundaries import redraw_near_clicks
+from scripts.click_boundaries import _redraw, redraw_near_clicks
 
 SPACING = (2.0, 1.0, 1.0)
 IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
@@ -97,3 +97,13 @@ def test_each_group_is_solved_as_if_alone() -> None:
         alone = redraw_near_clicks(image, mask, points[i : i + 1], labels[i : i + 1], SPACING, 6.0)
         near = _within(mask.shape, tuple(point), 6.0)
         np.testing.assert_array_equal(together[near], alone[near])
+
+
+def test_only_the_clicks_bounding_box_is_solved() -> None:
+    """The crop round the clicks (radius plus a voxel) gives what solving over the whole image gives, clicks at the
+    image's corner included."""
+    image, truth = _square()
+    mask = ndimage.binary_dilation(truth, IN_PLANE, iterations=2)
+    points, labels = np.array([(0, 0, 0), (4, 8, 20), (8, 33, 31)]), np.array([0, 0, 1])
+    whole = _redraw(image, mask, points, labels == 1, np.asarray(SPACING), 5.0)
+    np.testing.assert_array_equal(redraw_near_clicks(image, mask, points, labels, SPACING, 5.0), whole)

@@ -6,7 +6,8 @@ nothing else. Here every voxel within ``radius_mm`` of a click is decided again 
 (scikit-image) on the image intensities, seeded by the clicks and, at the edge of that neighbourhood, by the current
 result: the boundary near a click moves to where the image changes. Voxels farther from every click keep the
 result, so a click never reaches slices away from it. Each group of touching neighbourhoods is solved in its own
-bounding box, so the walker's cost follows the clicks, not the image size.
+bounding box, and nothing outside the clicks' own bounding box is looked at, so the cost follows the clicks, not
+the image size.
 """
 
 from __future__ import annotations
@@ -41,8 +42,25 @@ def redraw_near_clicks(
     """
     if radius_mm <= 0 or not len(points):
         return mask
-    spacing = np.asarray(spacing, dtype=np.float64)
-    points, is_foreground = np.asarray(points), np.asarray(labels) == 1
+    spacing, points = np.asarray(spacing, dtype=np.float64), np.asarray(points)
+    # Only the clicks' bounding box, widened by the radius and a voxel, is looked at: the cost follows the clicks.
+    reach = np.floor(radius_mm / spacing).astype(int) + 1
+    low = np.maximum(points.min(axis=0) - reach, 0)
+    crop = tuple(slice(a, b) for a, b in zip(low, np.minimum(points.max(axis=0) + reach + 1, mask.shape), strict=True))
+    result = mask.copy()
+    result[crop] = _redraw(image[crop], mask[crop], points - low, np.asarray(labels) == 1, spacing, radius_mm)
+    return result
+
+
+def _redraw(
+    image: np.ndarray,
+    mask: np.ndarray,
+    points: np.ndarray,
+    is_foreground: np.ndarray,
+    spacing: np.ndarray,
+    radius_mm: float,
+) -> np.ndarray:
+    """:func:`redraw_near_clicks` inside the clicks' bounding box (``points`` in its coordinates)."""
     near = np.zeros(mask.shape, dtype=bool)
     for point in points:
         box, inside = _ball(mask.shape, point, radius_mm, spacing)
